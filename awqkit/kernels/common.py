@@ -1,0 +1,64 @@
+"""Pieces shared by every kernel: unpacking AutoAWQ's interleaved nibbles, the int→float trick, device facts.
+
+AutoAWQ packs eight 4-bit weights of one input row into an int32: nibble ``i`` holds output column
+``8 * j + AWQ_ORDER[i]`` with ``AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)``. The kernels never reorder memory; they
+repeat each loaded int32 eight times (``tl.interleave``, which stays inside a thread's registers) and shift each copy
+by the amount that brings *its* column's nibble down, so the unpacked tile comes out in natural column order and
+scales, zeros and outputs need no permutation.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# 0x4B000000 is the float32 2**23: OR-ing a value 0 <= v < 2**23 into its mantissa gives the float 2**23 + v
+# exactly. Two integer ops (shift, and|or folded into one LOP3) plus one FADD replace an int→float conversion,
+# which runs at a quarter of the FP32 rate on Hopper and would otherwise limit the decode kernels.
+MAGIC_F32 = 0x4B000000
+
+
+@triton.jit
+def unpack_tile(packed, BN: tl.constexpr):
+    """``[R, BN // 8]`` int32 AutoAWQ words → ``[R, BN]`` int32 ``2**23 + nibble`` bit patterns, natural column order.
+
+    The caller bitcasts to float32 (see :func:`nibbles_minus_zeros`). Column ``c`` of a block of eight sits in nibble
+    ``(c % 2) * 4 + c // 2`` (AutoAWQ's reverse order), so its shift is four times that.
+    """
+    p = tl.interleave(packed, packed)
+    p = tl.interleave(p, p)
+    p = tl.interleave(p, p)  # every word now appears 8 times in a row: [R, BN]
+    c = tl.arange(0, BN) % 8
+    shifts = ((c % 2) * 4 + c // 2) * 4
+    return ((p >> shifts[None, :]) & 0xF) | 0x4B000000
+
+
+@triton.jit
+def nibbles_minus_zeros(qw_bits, qz_bits):
+    """``q - z`` as exact float32 from the two magic bit patterns of :func:`unpack_tile` (broadcasting)."""
+    return qw_bits.to(tl.float32, bitcast=True) - qz_bits.to(tl.float32, bitcast=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (132 on an H100 SXM; the same default for CPU interpreter runs)."""
+    if device.type != "cuda":
+        return 132
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``, used by the tests)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -1,0 +1,122 @@
+"""Pick a kernel and its tile configuration from the problem size alone (M, N, K, group size, SM count).
+
+No shape tables: the rules below come from the H100 sweeps recorded in docs/kernels-notes.md and are written in terms
+of how much work each program gets and how many programs the GPU needs to stay busy, so they carry over to shapes
+that were never measured.
+
+* ``M <= GEMV_MAX_M``: CUDA-core split-K GEMV (:mod:`.gemv`) — the pass over the weight is all that matters.
+* ``M <= SPLITK_MAX_M``: tensor-core GEMM with split-K (:mod:`.gemm`), one row tile, as many K slices as it takes
+  to give every SM a few programs.
+* up to ``DEQUANT_MIN_M``: the same GEMM kernel with larger tiles and no split.
+* beyond: dequantize to the activation dtype + cuBLAS (:mod:`.dequant`), which is compute-bound by then.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from awqkit.kernels import dequant, gemm, gemv
+from awqkit.kernels.common import sm_count
+
+GEMV_MAX_M = 4
+SPLITK_MAX_M = 64
+DEQUANT_MIN_M = 1024
+
+
+@dataclass(frozen=True)
+class Config:
+    """One launch: which kernel and its tile sizes (fields unused by a kernel are ignored)."""
+
+    kernel: str  # "gemv" | "gemm" | "dequant"
+    block_m: int = 16
+    block_n: int = 128
+    block_k: int = 128
+    split_k: int = 1
+    num_warps: int = 4
+    stages: int = 2
+    swap: bool = False
+
+
+def _split_for(tiles: int, k_steps: int, sms: int, programs_per_sm: int) -> int:
+    """K slices so that ``tiles * split`` reaches ``programs_per_sm`` programs per SM (at most one per K step)."""
+    want = triton.cdiv(programs_per_sm * sms, tiles)
+    return max(1, min(want, k_steps))
+
+
+@functools.lru_cache(maxsize=4096)
+def pick_config(m: int, n: int, k: int, group_size: int, sms: int) -> Config:
+    """The configuration for ``[m, k] @ [k, n]`` at ``group_size`` on a GPU with ``sms`` multiprocessors."""
+    if m <= GEMV_MAX_M:
+        block_k = min(128, group_size)
+        block_n = 256 if n >= 256 * sms else 128
+        tiles = triton.cdiv(n, block_n)
+        split = _split_for(tiles, k // block_k, sms, 4)
+        return Config("gemv", block_m=1, block_n=block_n, block_k=block_k, split_k=split, num_warps=4, stages=2)
+    if m <= SPLITK_MAX_M:
+        block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
+        block_k = min(128, group_size) if group_size >= 64 else 64
+        block_n = 128
+        tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+        split = _split_for(tiles, k // block_k, sms, 2)
+        return Config("gemm", block_m=block_m, block_n=block_n, block_k=block_k, split_k=split, num_warps=4, stages=3)
+    if m < DEQUANT_MIN_M:
+        block_m = 64 if m <= 128 else 128
+        block_n = 128
+        tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+        split = _split_for(tiles, k // 64, sms, 1) if tiles < sms else 1
+        return Config("gemm", block_m=block_m, block_n=block_n, block_k=64, split_k=split, num_warps=8, stages=3)
+    return Config("dequant")
+
+
+def run_config(
+    cfg: Config,
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Launch ``cfg`` on a 2-D, row-contiguous ``x``."""
+    if cfg.kernel == "gemv":
+        return gemv.gemv(
+            x, qweight, qzeros, scales, group_size, bias,
+            block_n=cfg.block_n, block_k=cfg.block_k, split_k=cfg.split_k, num_warps=cfg.num_warps, stages=cfg.stages,
+        )  # fmt: skip
+    if cfg.kernel == "gemm":
+        block_k = cfg.block_k
+        if group_size % block_k and block_k % group_size:
+            block_k = group_size
+        return gemm.gemm(
+            x, qweight, qzeros, scales, group_size, bias,
+            block_m=cfg.block_m, block_n=cfg.block_n, block_k=block_k, split_k=cfg.split_k,
+            num_warps=cfg.num_warps, stages=cfg.stages, swap=cfg.swap,
+        )  # fmt: skip
+    if cfg.kernel == "dequant":
+        return dequant.dequant_matmul(x, qweight, qzeros, scales, group_size, bias)
+    raise ValueError(f"unknown kernel {cfg.kernel!r}")
+
+
+def awq_matmul(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x [M, K] @ W (+ bias)`` for AutoAWQ GEMM tensors, kernel picked by :func:`pick_config`."""
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    n = scales.shape[1]
+    if m == 0:
+        return x.new_empty((0, n))
+    if x.dtype not in (torch.float16, torch.bfloat16):  # e.g. fp32: no tensor-core path, dequantize + matmul
+        return dequant.dequant_matmul(x, qweight, qzeros, scales, group_size, bias)
+    cfg = pick_config(m, n, k, group_size, sm_count(x.device))
+    return run_config(cfg, x, qweight, qzeros, scales, group_size, bias)

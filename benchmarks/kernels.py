@@ -1,0 +1,434 @@
+#!/usr/bin/env python3
+"""W4A16 kernel benchmark (issue 6): correctness first, then timings against bf16 cuBLAS and torch's int4.
+
+    python3 benchmarks/kernels.py --out benchmarks/results            # check + benchmark → kernels.json, PNG
+    python3 benchmarks/kernels.py --out DIR --sweep                    # also sweep tile configs (tuning aid)
+
+Method (docs/kernels-notes.md has the numbers):
+
+* correctness: every path (GEMV, split-K GEMM, GEMM, swapped GEMM, dequantize + cuBLAS, the dispatcher), fp16 and
+  bf16, group sizes 32/64/128, odd M and N, bias; random data, relative error against ``x @ dequantize(W)`` in fp32,
+  outputs allocated over NaN-poisoned memory so an unwritten element fails;
+* timing: each measured call is captured ``reps`` times into one CUDA graph (as the engine runs decode steps) and the
+  median replay is divided by the number of calls; the weights rotate over enough copies that every call reads
+  ≥ 150 MB of distinct weights per round (3x the 50 MB L2), so no call is served from L2 by its predecessor.
+  cuBLAS (``F.linear`` on the bf16 weight) and torch's int4 (``_weight_int4pack_mm``) are timed the same way, same
+  run, same inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import triton  # noqa: E402
+
+from awqkit import kernels  # noqa: E402
+from awqkit.formats import gemm as fmt  # noqa: E402
+from awqkit.kernels.common import sm_count  # noqa: E402
+from awqkit.kernels.dispatch import Config, pick_config, run_config  # noqa: E402
+from awqkit.nn import AWQLinear  # noqa: E402
+
+SHAPES = [("qkv", 3584, 4608), ("o", 3584, 3584), ("gate_up", 3584, 37888), ("down", 18944, 3584)]
+EXTRA_SHAPES = [("llama8b_gate_up", 4096, 28672), ("llama8b_o", 4096, 4096)]  # generality check, not tuned on
+MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
+GROUP = 128
+ROTATE_BYTES = 150e6
+DEV = "cuda"
+
+
+# ----------------------------------------------------------------------------------------------------------- data
+def random_awq(k: int, n: int, g: int, device=DEV):
+    """Random AutoAWQ tensors: every nibble uniform in 0..15, scales in [1e-3, 1.1e-2] (never zero)."""
+    qweight = torch.randint(-(2**31), 2**31 - 1, (k, n // 8), dtype=torch.int32, device=device)
+    qzeros = torch.randint(-(2**31), 2**31 - 1, (k // g, n // 8), dtype=torch.int32, device=device)
+    scales = (torch.rand(k // g, n, device=device) * 0.01 + 0.001).half()
+    return qweight, qzeros, scales
+
+
+def weight_bytes(k: int, n: int, g: int) -> int:
+    return k * n // 2 + (k // g) * n // 2 + (k // g) * n * 2
+
+
+def poison(nbytes: int = 1 << 30) -> None:
+    """Fill cached allocator blocks with NaN so that outputs allocated next start as NaN, not as stale results."""
+    t = torch.full((nbytes // 4,), float("nan"), device=DEV)
+    del t
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    if not torch.isfinite(y).all():
+        return float("inf")
+    return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+# ------------------------------------------------------------------------------------------------------ torch int4
+def int4_setup(qweight, qzeros, scales, g):
+    """torch's tinygemm layout for the same weight: w = (q - 8) * s + (8 - z) * s, bf16 scales and zeros."""
+    q = fmt.unpack(qweight).t().contiguous()  # [N, K] 0..15
+    z = fmt.unpack(qzeros).t().float()  # [N, K/G]
+    s = scales.t().float()
+    w_uint8 = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+    packed = torch.ops.aten._convert_weight_to_int4pack(w_uint8, 8)
+    sz = torch.stack([s, (8 - z) * s], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)  # [K/G, N, 2]
+    return packed, sz
+
+
+def int4_mm(x, packed, sz, g):
+    return torch.ops.aten._weight_int4pack_mm(x, packed, g, sz)
+
+
+# ---------------------------------------------------------------------------------------------------------- timing
+def time_calls(calls, target_ms: float = 3.0, replays: int = 15) -> float:
+    """Median µs per call: ``calls`` (one per weight copy) captured ``reps`` times into a CUDA graph."""
+    for c in calls:  # compile / autotune / cuBLAS handles, outside the graph
+        c()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for c in calls:
+        c()
+    torch.cuda.synchronize()
+    est_ms = max((time.perf_counter() - t0) * 1e3, 1e-3)
+    reps = max(1, min(200, math.ceil(target_ms / est_ms)))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for c in calls:
+            c()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            for c in calls:
+                c()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    del graph
+    return statistics.median(times) * 1e3 / (reps * len(calls))
+
+
+def copies_for(nbytes: int) -> int:
+    return max(1, math.ceil(ROTATE_BYTES / nbytes))
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy rate in GB/s, counting bytes read plus written (the method's ceiling)."""
+    a = torch.empty(1 << 28, dtype=torch.float32, device=DEV).uniform_()
+    b = torch.empty_like(a)
+    us = time_calls([lambda: b.copy_(a)], target_ms=20, replays=10)
+    return 2 * a.numel() * 4 / (us * 1e-6) / 1e9
+
+
+# ----------------------------------------------------------------------------------------------------- correctness
+def check_correctness(log) -> list[dict]:
+    """Every path, dtype, group size; odd M and N; bias; via explicit configs and via AWQLinear."""
+    results = []
+    torch.manual_seed(1)
+    cases = [  # (M, K, N) small enough to be quick, N odd multiples of 8 to test masking
+        (1, 1024, 1000), (3, 512, 776), (7, 1024, 1288), (16, 768, 520), (33, 512, 1160), (100, 1024, 904),
+        (300, 512, 648),
+    ]
+    paths = [
+        ("gemv", Config("gemv", block_n=256, block_k=128, split_k=3)),
+        ("gemv_nosplit", Config("gemv", block_n=128, block_k=64, split_k=1)),
+        ("gemm_splitk", Config("gemm", block_m=16, block_n=128, block_k=128, split_k=3, stages=3)),
+        ("gemm_splitk_swap", Config("gemm", block_m=16, block_n=128, block_k=128, split_k=2, stages=3, swap=True)),
+        ("gemm", Config("gemm", block_m=64, block_n=128, block_k=64, split_k=1, num_warps=4, stages=3)),
+        ("gemm_big", Config("gemm", block_m=128, block_n=256, block_k=64, split_k=1, num_warps=8, stages=3)),
+        ("gemm_swap", Config("gemm", block_m=64, block_n=128, block_k=64, split_k=1, stages=3, swap=True)),
+        ("dequant", Config("dequant")),
+    ]
+    for g in (32, 64, 128):
+        for dtype in (torch.float16, torch.bfloat16):
+            for m, k, n in cases:
+                qw, qz, sc = random_awq(k, n, g)
+                w = fmt.dequantize(qw, qz, sc, g, torch.float32)
+                x = torch.randn(m, k, device=DEV, dtype=dtype)
+                bias = torch.randn(n, device=DEV).half()
+                ref = x.float() @ w + bias.float()
+                for name, cfg in paths:
+                    if cfg.kernel == "gemv" and m > 8:
+                        continue
+                    poison()
+                    y = run_config(cfg, x, qw, qz, sc, g, bias)
+                    err = rel_err(y, ref)
+                    tol = 2e-3 if dtype == torch.float16 else 1.2e-2
+                    results.append(dict(path=name, g=g, dtype=str(dtype), M=m, K=k, N=n, err=err, ok=err < tol))
+                # the module path with leading dims, no bias
+                layer = AWQLinear.from_packed(qw, qz, sc, g)
+                layer.prepare_for_kernels()
+                x3 = torch.randn(1, m, k, device=DEV, dtype=dtype)
+                poison()
+                y3 = layer(x3)
+                err = rel_err(y3.reshape(m, n), x3.reshape(m, k).float() @ w)
+                tol = 2e-3 if dtype == torch.float16 else 1.2e-2
+                results.append(dict(path="AWQLinear", g=g, dtype=str(dtype), M=m, K=k, N=n, err=err, ok=err < tol))
+    bad = [r for r in results if not r["ok"]]
+    worst = {}
+    for r in results:
+        key = (r["path"], r["dtype"])
+        worst[key] = max(worst.get(key, 0.0), r["err"])
+    for (p, d), e in sorted(worst.items()):
+        log(f"  correctness {p:18s} {d:15s} worst rel err {e:.2e}")
+    log(f"correctness: {len(results) - len(bad)}/{len(results)} ok")
+    for r in bad[:20]:
+        log(f"  FAIL {r}")
+    return results
+
+
+def check_graph_capture(log) -> bool:
+    """Capture awq_linear at M=1 and M=16 (split-K paths) in a graph, replay with new inputs, compare."""
+    qw, qz, sc = random_awq(3584, 4608, GROUP)
+    layer = AWQLinear.from_packed(qw, qz, sc, GROUP, torch.randn(4608, device=DEV).half())
+    layer.prepare_for_kernels()
+    ok = True
+    for m in (1, 16, 64):
+        x = torch.randn(m, 3584, device=DEV, dtype=torch.bfloat16)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            layer(x)
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            y = layer(x)
+        x.copy_(torch.randn_like(x))
+        g.replay()
+        torch.cuda.synchronize()
+        ref = layer._reference_forward(x.float()).float()
+        err = rel_err(y, ref)
+        ok &= err < 1.2e-2
+        log(f"  graph capture M={m}: rel err after replay on new input {err:.2e}")
+    return ok
+
+
+# ---------------------------------------------------------------------------------------------------------- sweeps
+def sweep(shapes, log, deadline: float) -> list[dict]:
+    """Time many explicit configs per (shape, M): the data the dispatcher's rules were written from."""
+    out = []
+    sms = sm_count(torch.device(DEV))
+    gemv_cfgs = [
+        (bn, bk, w, st) for bn in (128, 256, 512) for bk in (64, 128) for w in (4, 8) for st in (1, 3)
+    ]
+    splitk_cfgs = [
+        (bn, bk, w, st, sw) for bn in (64, 128, 256) for bk in (64, 128) for w in (4,) for st in (2, 4) for sw in (0, 1)
+    ]
+    big_cfgs = [
+        (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 128, 128, 8, 3), (64, 256, 64, 8, 3),
+        (128, 128, 64, 4, 4),
+    ]
+    for name, k, n in shapes:
+        qw, qz, sc = random_awq(k, n, GROUP)
+        ncopy = copies_for(weight_bytes(k, n, GROUP))
+        copies = [(qw, qz, sc)] + [(qw.clone(), qz.clone(), sc.clone()) for _ in range(ncopy - 1)]
+
+        def t(cfg, x):
+            return time_calls([lambda c=c: run_config(cfg, x, *c, GROUP) for c in copies], target_ms=2.0, replays=7)
+
+        for m in (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096):
+            if time.time() > deadline:
+                log("  sweep: deadline reached, stopping")
+                return out
+            x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+            rows = []
+            if m <= 4:
+                for bn, bk, w, st in gemv_cfgs:
+                    for pps in (2, 4, 8):
+                        split = max(1, min(k // bk, triton.cdiv(pps * sms, triton.cdiv(n, bn))))
+                        cfg = Config("gemv", block_n=bn, block_k=bk, split_k=split, num_warps=w, stages=st)
+                        rows.append((cfg, f"gemv bn{bn} bk{bk} w{w} st{st} pps{pps}"))
+            if 2 <= m <= 64:
+                bm = 16 if m <= 16 else (32 if m <= 32 else 64)
+                for bn, bk, w, st, sw in splitk_cfgs:
+                    for pps in (1, 2, 4):
+                        tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+                        split = max(1, min(k // bk, triton.cdiv(pps * sms, tiles)))
+                        cfg = Config("gemm", block_m=bm, block_n=bn, block_k=bk, split_k=split, num_warps=w,
+                                     stages=st, swap=bool(sw))  # fmt: skip
+                        rows.append((cfg, f"splitk bm{bm} bn{bn} bk{bk} w{w} st{st} sw{sw} pps{pps}"))
+            if m >= 64:
+                for bm, bn, bk, w, st in big_cfgs:
+                    for sw in (0, 1):
+                        tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+                        split = 1 if tiles >= sms else max(1, min(k // bk, triton.cdiv(sms, tiles)))
+                        cfg = Config("gemm", block_m=bm, block_n=bn, block_k=bk, split_k=split, num_warps=w,
+                                     stages=st, swap=bool(sw))  # fmt: skip
+                        rows.append((cfg, f"gemm bm{bm} bn{bn} bk{bk} w{w} st{st} sw{sw} split{split}"))
+            if m >= 128:
+                rows.append((Config("dequant"), "dequant+cublas"))
+            best = (float("inf"), "")
+            for cfg, label in rows:
+                if time.time() > deadline:
+                    break
+                try:
+                    us = t(cfg, x)
+                except Exception as e:  # a config that does not compile (e.g. out of shared memory) is skipped
+                    log(f"  sweep {name} M={m} {label}: {type(e).__name__}: {str(e)[:120]}")
+                    continue
+                out.append(dict(name=name, K=k, N=n, M=m, label=label, us=us))
+                best = min(best, (us, label))
+            log(f"  sweep {name:8s} M={m:5d} best {best[0]:9.2f} us  {best[1]}")
+        del copies
+        torch.cuda.empty_cache()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------- benchmark
+def benchmark(shapes, ms, log) -> list[dict]:
+    rows = []
+    for name, k, n in shapes:
+        torch.manual_seed(0)
+        qw, qz, sc = random_awq(k, n, GROUP)
+        wbytes = weight_bytes(k, n, GROUP)
+        layers = []
+        for i in range(copies_for(wbytes)):
+            c = (qw, qz, sc) if i == 0 else (qw.clone(), qz.clone(), sc.clone())
+            layer = AWQLinear.from_packed(*c, GROUP)
+            layer.prepare_for_kernels()
+            layers.append(layer)
+        w_bf16 = fmt.dequantize(qw, qz, sc, GROUP, torch.float32).t().contiguous().to(torch.bfloat16)  # [N, K]
+        dense = [w_bf16] + [w_bf16.clone() for _ in range(copies_for(w_bf16.numel() * 2) - 1)]
+        try:
+            packed, sz = int4_setup(qw, qz, sc, GROUP)
+            i4 = [(packed, sz)] + [(packed.clone(), sz.clone()) for _ in range(copies_for(wbytes) - 1)]
+        except Exception as e:
+            log(f"  torch int4 unavailable for {name}: {type(e).__name__}: {e}")
+            i4 = None
+        for m in ms:
+            x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+            ref = x.float() @ w_bf16.float().t()
+            y = layers[0](x)
+            err = rel_err(y, ref)
+            awq_us = time_calls([lambda lay=lay: lay(x) for lay in layers])
+            cublas_us = time_calls([lambda w=w: F.linear(x, w) for w in dense])
+            int4_us, int4_err = None, None
+            if i4 is not None:
+                try:
+                    int4_err = rel_err(int4_mm(x, *i4[0], GROUP), ref)
+                    if int4_err < 2e-2:
+                        int4_us = time_calls([lambda p=p, s=s: int4_mm(x, p, s, GROUP) for p, s in i4])
+                except Exception as e:  # e.g. an M the kernel rejects
+                    log(f"  torch int4 {name} M={m}: {type(e).__name__}: {str(e)[:100]}")
+            cfg = pick_config(m, n, k, GROUP, sm_count(x.device))
+            gbps = (wbytes + 2 * m * (k + n)) / (awq_us * 1e-6) / 1e9
+            row = dict(name=name, K=k, N=n, M=m, awqkit_us=round(awq_us, 3), cublas_bf16_us=round(cublas_us, 3),
+                       torch_int4_us=None if int4_us is None else round(int4_us, 3), awqkit_GBps=round(gbps, 1),
+                       awqkit_rel_err=err, torch_int4_rel_err=int4_err, config=str(cfg))  # fmt: skip
+            rows.append(row)
+            i4s = f"{int4_us:9.2f}" if int4_us is not None else "     null"
+            log(f"  {name:16s} M={m:5d} awqkit {awq_us:9.2f}  cublas {cublas_us:9.2f}  int4 {i4s}  "
+                f"x{cublas_us / awq_us:5.2f}  {gbps:6.0f} GB/s  err {err:.1e}  {cfg}")  # fmt: skip
+        del layers, dense, i4
+        torch.cuda.empty_cache()
+    return rows
+
+
+def summarize(rows, shapes, log) -> dict:
+    names = [s[0] for s in shapes]
+    summary = {}
+    for m in sorted({r["M"] for r in rows}):
+        rs = [r for r in rows if r["M"] == m and r["name"] in names]
+        if len(rs) != len(names):
+            continue
+        a = sum(r["awqkit_us"] for r in rs)
+        c = sum(r["cublas_bf16_us"] for r in rs)
+        i4 = None if any(r["torch_int4_us"] is None for r in rs) else sum(r["torch_int4_us"] for r in rs)
+        summary[m] = dict(awqkit_us=a, cublas_us=c, int4_us=i4, speedup=c / a, vs_int4=None if i4 is None else i4 / a)
+        per = " ".join(f"{r['name']}:{r['cublas_bf16_us'] / r['awqkit_us']:.2f}" for r in rs)
+        i4s = f"{i4:8.1f} (x{i4 / a:4.2f})" if i4 is not None else "    null"
+        log(f"M={m:5d} sum awqkit {a:8.1f} us  cublas {c:8.1f} us  x{c / a:5.2f}  int4 {i4s}  [{per}]")
+    return summary
+
+
+def plot(rows, shapes, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, _, _ in shapes:
+        rs = sorted((r for r in rows if r["name"] == name), key=lambda r: r["M"])
+        ax.plot([r["M"] for r in rs], [r["cublas_bf16_us"] / r["awqkit_us"] for r in rs], "o-", label=f"awqkit {name}")
+        ri = [r for r in rs if r["torch_int4_us"]]
+        ax.plot([r["M"] for r in ri], [r["cublas_bf16_us"] / r["torch_int4_us"] for r in ri], "x--", alpha=0.5,
+                label=f"torch int4 {name}")  # fmt: skip
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("M (tokens)")
+    ax.set_ylabel("speedup vs bf16 cuBLAS")
+    ax.set_title(f"W4A16 g{GROUP}, {torch.cuda.get_device_name()}")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--sweep", action="store_true", help="also time many tile configs (tuning data)")
+    ap.add_argument("--sweep-seconds", type=float, default=240)
+    ap.add_argument("--no-bench", action="store_true")
+    ap.add_argument("--extra-shapes", action="store_true", help="also benchmark shapes the rules were not tuned on")
+    ap.add_argument("--ms", default=",".join(map(str, MS)))
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    logf = open(os.path.join(args.out, "kernels_log.txt"), "w")
+
+    def log(s):
+        print(s, flush=True)
+        logf.write(s + "\n")
+        logf.flush()
+
+    t_start = time.time()
+    log(f"device {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
+    log(f"int4 schema: {torch.ops.aten._convert_weight_to_int4pack.default._schema}")
+    copy_gbps = copy_bandwidth()
+    log(f"device-to-device copy: {copy_gbps:.0f} GB/s (read + write)")
+    corr = check_correctness(log)
+    graph_ok = check_graph_capture(log)
+    log(f"correctness done in {time.time() - t_start:.0f} s")
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
+    if args.sweep:
+        sw = sweep(SHAPES, log, time.time() + args.sweep_seconds)
+        with open(os.path.join(args.out, "kernels_sweep.json"), "w") as f:
+            json.dump(dict(**meta, group_size=GROUP, rows=sw), f)
+    if not args.no_bench:
+        ms = [int(v) for v in args.ms.split(",")]
+        shapes = SHAPES + (EXTRA_SHAPES if args.extra_shapes else [])
+        rows = benchmark(shapes, ms, log)
+        summary = summarize(rows, SHAPES, log)
+        if args.extra_shapes:
+            summarize(rows, EXTRA_SHAPES, log)
+        doc = dict(**meta, rows=rows, group_size=GROUP, copy_GBps=round(copy_gbps, 1),
+                   correctness_ok=all(r["ok"] for r in corr) and graph_ok,
+                   summary={str(k): v for k, v in summary.items()})  # fmt: skip
+        with open(os.path.join(args.out, "kernels.json"), "w") as f:
+            json.dump(doc, f, indent=1)
+        plot(rows, SHAPES, os.path.join(args.out, "kernels_speedup.png"))
+    log(f"total {time.time() - t_start:.0f} s; correctness {'OK' if all(r['ok'] for r in corr) and graph_ok else 'FAILED'}")
+    return 0 if all(r["ok"] for r in corr) and graph_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
