@@ -109,8 +109,9 @@ class GroupInputs:
 
     Attributes:
         abs_sum: per-channel sum of |x| (→ the mean activation magnitude that AWQ scales by).
-        gram: ``Xᵀ X`` for a single-Linear group: the output MSE of any weight change ΔW over *all* tokens is then
-            ``tr(ΔW · XᵀX · ΔWᵀ) / (tokens · out)``, without touching the activations again.
+        gram: ``Xᵀ X`` over an evenly strided token sample, for a single-Linear group: the output MSE of any weight
+            change ΔW over those tokens is ``tr(ΔW · XᵀX · ΔWᵀ) / (tokens · out)``, without touching them again.
+        gram_tokens: how many tokens the Gram matrix holds.
         search: the input rows of the search sequences (full sequences: attention needs them).
         clip: an evenly strided sample of input tokens for the clip search.
         tokens: how many tokens were seen.
@@ -121,6 +122,7 @@ class GroupInputs:
     search: list[torch.Tensor] = field(default_factory=list)
     clip: list[torch.Tensor] = field(default_factory=list)
     tokens: int = 0
+    gram_tokens: int = 0
 
     @property
     def mean_abs(self) -> torch.Tensor:

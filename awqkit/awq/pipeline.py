@@ -45,6 +45,7 @@ class AwqOptions:
         search_tokens: tokens (whole sequences) on which block-output losses are measured; the activation
             statistics and single-Linear losses always use every token.
         clip_tokens: evenly strided tokens for the clip search (AutoAWQ: 512).
+        gram_tokens: evenly strided tokens whose second moments ``XᵀX`` give single-Linear losses.
         batch: sequences per forward pass (memory bound).
         device, dtype: where and in what precision layers run; folds and quantization are always fp32.
         propagate_quantized: feed the next layer the quantized layer's outputs (False: the float outputs, as AutoAWQ).
@@ -58,6 +59,7 @@ class AwqOptions:
     n_grid: int = 20
     search_tokens: int = 4096
     clip_tokens: int = 512
+    gram_tokens: int = 16384
     batch: int = 16
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
@@ -138,6 +140,7 @@ class LayerQuantizer:
         n_seq, seq_len = inputs.shape[:2]
         search_rows = self._search_rows(n_seq, seq_len)
         stride = max(1, (n_seq * seq_len) // self.opts.clip_tokens)
+        gram_stride = max(1, (n_seq * seq_len) // self.opts.gram_tokens)
         state = {"start": 0}
         handles = []
         # one hook per distinct input: the first Linear of every group, plus any Linear not first in a group
@@ -145,6 +148,9 @@ class LayerQuantizer:
 
         def hook_for(name: str, group: ScaleGroup):
             st = self.stats.setdefault(name, GroupInputs())
+            wants_gram = group.inspect is None and can_fold(
+                self._linear(group.prev), [self._linear(n) for n in group.linears]
+            )
 
             def hook(module: nn.Module, args: tuple) -> None:
                 x = args[0].detach()
@@ -152,11 +158,13 @@ class LayerQuantizer:
                 flat = x.reshape(-1, x.shape[-1]).float()
                 st.abs_sum = flat.abs().sum(0) + (0 if st.abs_sum is None else st.abs_sum)
                 st.tokens += flat.shape[0]
-                if group.inspect is None:
-                    g = flat.T @ flat
-                    st.gram = g if st.gram is None else st.gram + g
                 first = state["start"] * seq_len
                 idx = torch.arange(first, first + flat.shape[0], device=flat.device)
+                if wants_gram:
+                    sample = flat[idx % gram_stride == 0]
+                    g = sample.T @ sample
+                    st.gram = g if st.gram is None else st.gram + g
+                    st.gram_tokens += sample.shape[0]
                 st.clip.append(flat[idx % stride == 0].cpu())
                 rows = [r - state["start"] for r in search_rows if state["start"] <= r < state["start"] + b]
                 if rows:
@@ -205,7 +213,7 @@ class LayerQuantizer:
             gram, w = st.gram.to(self.opts.device), masters[0]
 
             def loss_of(s: torch.Tensor) -> float:
-                return gram_loss(quantized_trial(w, s, g, zp) - w, gram, st.tokens)
+                return gram_loss(quantized_trial(w, s, g, zp) - w, gram, st.gram_tokens)
         else:
             block = work.get_submodule(group.inspect)
             x = torch.cat(st.search).to(self.opts.device)
@@ -268,7 +276,7 @@ class LayerQuantizer:
         work = copy.deepcopy(self.layer).to(self.opts.dtype)
         float_out = self.gather(work, inputs)
 
-        check_x = inputs[:1, : min(inputs.shape[1], 128)].to(self.opts.device)
+        check_x = inputs[:1].to(self.opts.device)  # one whole sequence: kwargs are per-position
         kw32 = kwargs_for(self.layer, slice_batch(self.kwargs32, slice(0, 1), inputs.shape[0]))
         with torch.no_grad():
             ref = _first(self.layer(check_x, **kw32))

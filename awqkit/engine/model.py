@@ -24,6 +24,7 @@ from torch import nn
 
 from awqkit.engine.config import ModelConfig, rope_tables
 from awqkit.errors import CheckpointError
+from awqkit.formats import gemm
 from awqkit.formats.config import QuantConfig
 from awqkit.nn import AWQLinear, fuse_awq_linears
 
@@ -95,8 +96,8 @@ class Linear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -105,7 +106,7 @@ class Linear(nn.Module):
 class RMSNorm(nn.Module):
     def __init__(self, weight: torch.Tensor, eps: float, ops: Ops) -> None:
         super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.register_buffer("weight", weight)
         self.eps, self.ops = eps, ops
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,8 +128,8 @@ class Attention(nn.Module):
     ) -> None:
         super().__init__()
         self.qkv, self.o_proj = qkv, o_proj
-        self.q_norm = None if q_norm is None else nn.Parameter(q_norm, requires_grad=False)
-        self.k_norm = None if k_norm is None else nn.Parameter(k_norm, requires_grad=False)
+        self.register_buffer("q_norm", q_norm)
+        self.register_buffer("k_norm", k_norm)
         self.n_heads, self.n_kv, self.head_dim, self.eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
         self.ops = ops
 
@@ -195,10 +196,10 @@ class Transformer(nn.Module):
     ) -> None:
         super().__init__()
         self.cfg, self.max_model_len = cfg, max_model_len
-        self.embed = nn.Parameter(embed, requires_grad=False)
+        self.register_buffer("embed", embed)
         self.layers = nn.ModuleList(blocks)
         self.norm = norm
-        self.lm_head = embed if lm_head is embed else nn.Parameter(lm_head, requires_grad=False)
+        self.register_buffer("lm_head", lm_head)  # may be the embedding itself (tied)
         device, dtype = embed.device, embed.dtype
         cos, sin = rope_tables(cfg, max_model_len + 1)
         self.register_buffer("cos", cos.to(device), persistent=False)
@@ -232,7 +233,9 @@ class Transformer(nn.Module):
         masks = {}
         for window in {layer.window for layer in self.layers}:
             m = causal if window is None else causal & (positions[..., None] - key_pos < window)
-            # the same mask for the G query heads folded into each kv head (see Attention.forward)
+            # additive, in the activation dtype (SDPA would convert a bool mask in every layer), and the same for
+            # the G query heads folded into each kv head (see Attention.forward)
+            m = torch.zeros(m.shape, dtype=x.dtype, device=x.device).masked_fill_(~m, float("-inf"))
             masks[window] = m[:, None, None].expand(B, 1, G, T, kv_len).reshape(B, 1, G * T, kv_len)
         residual = None
         for i, layer in enumerate(self.layers):
@@ -249,13 +252,27 @@ class Transformer(nn.Module):
 # --- building from checkpoint tensors ----------------------------------------------------------------------------
 
 
+_NIBBLE_SHIFTS = torch.tensor([4 * i for i in gemm.AWQ_REVERSE_ORDER], dtype=torch.int32)  # column c → its bits
+
+
+def dequantize_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``[out, in]`` float32 ``(q - z) * s``, equal to :func:`awqkit.formats.gemm.dequantize` (transposed) but
+    shifting each column's nibble out directly and broadcasting the groups, which is ~10x faster on CPU."""
+
+    def unpack(packed: torch.Tensor) -> torch.Tensor:
+        return ((packed[..., None] >> _NIBBLE_SHIFTS.to(packed.device)) & 0xF).reshape(packed.shape[0], -1)
+
+    k, n = qweight.shape[0], scales.shape[1]
+    q = unpack(qweight).view(k // group_size, group_size, n)
+    w = (q - unpack(qzeros)[:, None]).float() * scales.float()[:, None]
+    return w.view(k, n).t()
+
+
 def _float_weight(tensors: dict[str, torch.Tensor], name: str, group_size: int, dtype: torch.dtype) -> torch.Tensor:
     """A Linear's ``[out, in]`` float weight, dequantizing an AWQ layer if that is how it is stored."""
     if f"{name}.qweight" in tensors:
-        q = AWQLinear.from_packed(
-            tensors[f"{name}.qweight"], tensors[f"{name}.qzeros"], tensors[f"{name}.scales"], group_size
-        )
-        return q.dequantized_weight(torch.float32).to(dtype)
+        parts = (tensors[f"{name}.{p}"] for p in ("qweight", "qzeros", "scales"))
+        return dequantize_awq(*parts, group_size).to(dtype)
     return tensors[f"{name}.weight"].to(dtype)
 
 

@@ -38,12 +38,49 @@ def unpack_tile(packed, BN: tl.constexpr):
 
 
 @triton.jit
+def unpack_tile_one_plus(packed, BN: tl.constexpr, ASM: tl.constexpr):
+    """``[R, BN // 8]`` AutoAWQ words → ``[R, BN]`` float32 ``1 + q / 16``, natural column order.
+
+    The nibble is rotated into mantissa bits 19..22 of the float 1.0 (``0x3F800000``): one funnel shift and one
+    LOP3 per weight and no float op, against shift, LOP3 and FADD for ``2**23 + q``. The caller recovers
+    ``sum_k x_k q_k = 16 * (sum_k x_k f_k - sum_k x_k)``: the subtraction cancels at most ~4 bits of fp32 on
+    random signs (the q/16 part is as large as the 1 part), far below the activations' own rounding.
+    ``ASM`` uses one ``shf.l.wrap`` + ``lop3`` per element (GPU only; the interpreter runs the plain-Triton form).
+    """
+    p = tl.interleave(packed, packed)
+    p = tl.interleave(p, p)
+    p = tl.interleave(p, p)
+    c = tl.arange(0, BN) % 8
+    rot = (19 - 4 * ((c % 2) * 4 + c // 2)) & 31  # never 0: 19, 15, 11, 7, 3, 31, 27, 23
+    if ASM:
+        bits = tl.inline_asm_elementwise(
+            "{ .reg .b32 t; shf.l.wrap.b32 t, $1, $1, $2; lop3.b32 $0, t, 0x00780000, 0x3F800000, 0xEA; }",
+            "=r,r,r",
+            [p, tl.broadcast_to(rot[None, :], p.shape)],
+            dtype=tl.int32,
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        u = p.to(tl.uint32, bitcast=True)
+        r = (u << rot[None, :]) | (u >> (32 - rot)[None, :])
+        bits = ((r & 0x00780000) | 0x3F800000).to(tl.int32, bitcast=True)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def nibble_value(bits):
+    """The float32 value of a ``2**23 + nibble`` bit pattern from :func:`unpack_tile`: the nibble, exactly."""
+    return bits.to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
 def nibbles_minus_zeros(qw_bits, qz_bits):
     """``q - z`` as exact float32 from the two magic bit patterns of :func:`unpack_tile` (broadcasting)."""
     return qw_bits.to(tl.float32, bitcast=True) - qz_bits.to(tl.float32, bitcast=True)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -62,3 +99,37 @@ def next_pow2(n: int) -> int:
 def interpreting() -> bool:
     """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``, used by the tests)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def unpack_row(packed, BN: tl.constexpr):
+    """1-D form of :func:`unpack_tile`: ``[BN // 8]`` words → ``[BN]`` ``2**23 + nibble`` bit patterns."""
+    p = tl.interleave(packed, packed)
+    p = tl.interleave(p, p)
+    p = tl.interleave(p, p)
+    c = tl.arange(0, BN) % 8
+    return ((p >> (((c % 2) * 4 + c // 2) * 4)) & 0xF) | 0x4B000000
+
+
+@triton.jit
+def unpack_row_one_plus(packed, BN: tl.constexpr, ASM: tl.constexpr):
+    """1-D form of :func:`unpack_tile_one_plus`: ``[BN // 8]`` words → ``[BN]`` float32 ``1 + q / 16``."""
+    p = tl.interleave(packed, packed)
+    p = tl.interleave(p, p)
+    p = tl.interleave(p, p)
+    c = tl.arange(0, BN) % 8
+    rot = (19 - 4 * ((c % 2) * 4 + c // 2)) & 31
+    if ASM:
+        bits = tl.inline_asm_elementwise(
+            "{ .reg .b32 t; shf.l.wrap.b32 t, $1, $1, $2; lop3.b32 $0, t, 0x00780000, 0x3F800000, 0xEA; }",
+            "=r,r,r",
+            [p, rot],
+            dtype=tl.int32,
+            is_pure=True,
+            pack=1,
+        )
+    else:
+        u = p.to(tl.uint32, bitcast=True)
+        r = (u << rot) | (u >> (32 - rot))
+        bits = ((r & 0x00780000) | 0x3F800000).to(tl.int32, bitcast=True)
+    return bits.to(tl.float32, bitcast=True)

@@ -15,12 +15,11 @@ from awqkit.kernels.gemm import dequant_tile
 
 
 @triton.jit
-def _dequant_kernel(qw_ptr, qz_ptr, s_ptr, w_ptr, N, K,
+def _dequant_kernel(qw_ptr, qz_ptr, s_ptr, w_ptr, N, N8, K,
                     G: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):  # fmt: skip
     BN8: tl.constexpr = BN // 8
     pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)
-    N8 = N // 8
     offs_k = tl.arange(0, BK)
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_n8 = pid_n * BN8 + tl.arange(0, BN8)
@@ -50,7 +49,9 @@ def dequantize(
     assert k % block_k == 0 and (group_size % block_k == 0 or block_k % group_size == 0)
     w = torch.empty((k, n), dtype=dtype, device=qweight.device)
     grid = (k // block_k, triton.cdiv(n, block_n))
-    _dequant_kernel[grid](qweight, qzeros, scales, w, n, k, G=group_size, BK=block_k, BN=block_n, num_warps=num_warps)
+    _dequant_kernel[grid](
+        qweight, qzeros, scales, w, n, n // 8, k, G=group_size, BK=block_k, BN=block_n, num_warps=num_warps
+    )
     return w
 
 

@@ -24,7 +24,7 @@ from awqkit.kernels.common import sm_count
 
 GEMV_MAX_M = 4
 SPLITK_MAX_M = 64
-DEQUANT_MIN_M = 1024
+DEQUANT_MIN_M = 512
 
 
 @dataclass(frozen=True)
@@ -37,8 +37,10 @@ class Config:
     block_k: int = 128
     split_k: int = 1
     num_warps: int = 4
-    stages: int = 2
-    swap: bool = False
+    stages: int = 1
+    swap: bool = True
+    dq: int = 1  # GEMM dequantization: 1 = "1 + q/16" form (block_k = group size), 0 = (q - z) * s per weight
+    rows: int = 8  # GEMV: rows loaded ahead
 
 
 def _split_for(tiles: int, k_steps: int, sms: int, programs_per_sm: int) -> int:
@@ -50,25 +52,22 @@ def _split_for(tiles: int, k_steps: int, sms: int, programs_per_sm: int) -> int:
 @functools.lru_cache(maxsize=4096)
 def pick_config(m: int, n: int, k: int, group_size: int, sms: int) -> Config:
     """The configuration for ``[m, k] @ [k, n]`` at ``group_size`` on a GPU with ``sms`` multiprocessors."""
+    groups = k // group_size
     if m <= GEMV_MAX_M:
-        block_k = min(128, group_size)
-        block_n = 256 if n >= 256 * sms else 128
-        tiles = triton.cdiv(n, block_n)
-        split = _split_for(tiles, k // block_k, sms, 4)
-        return Config("gemv", block_m=1, block_n=block_n, block_k=block_k, split_k=split, num_warps=4, stages=2)
+        # one warp per program, 16-byte loads: 1024 columns a program; narrow layers get 256-column programs
+        block_n = 1024 if n >= 8 * 1024 else 512 if n >= 2048 else 256
+        split = _split_for(triton.cdiv(n, block_n), groups, sms, 8)
+        return Config("gemv", block_n=block_n, split_k=split, num_warps=1, rows=8)
     if m <= SPLITK_MAX_M:
         block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
-        block_k = min(128, group_size) if group_size >= 64 else 64
-        block_n = 128
+        block_n, warps = {16: (256, 4), 32: (256, 8), 64: (128, 8)}[block_m]
         tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-        split = _split_for(tiles, k // block_k, sms, 2)
-        return Config("gemm", block_m=block_m, block_n=block_n, block_k=block_k, split_k=split, num_warps=4, stages=3)
+        split = _split_for(tiles, groups, sms, 2)
+        return Config("gemm", block_m=block_m, block_n=block_n, split_k=split, num_warps=warps)
     if m < DEQUANT_MIN_M:
-        block_m = 64 if m <= 128 else 128
-        block_n = 128
-        tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-        split = _split_for(tiles, k // 64, sms, 1) if tiles < sms else 1
-        return Config("gemm", block_m=block_m, block_n=block_n, block_k=64, split_k=split, num_warps=8, stages=3)
+        tiles = triton.cdiv(m, 128) * triton.cdiv(n, 128)
+        split = _split_for(tiles, groups, sms, 1) if tiles < sms else 1
+        return Config("gemm", block_m=128, block_n=128, split_k=split, num_warps=8)
     return Config("dequant")
 
 
@@ -85,7 +84,7 @@ def run_config(
     if cfg.kernel == "gemv":
         return gemv.gemv(
             x, qweight, qzeros, scales, group_size, bias,
-            block_n=cfg.block_n, block_k=cfg.block_k, split_k=cfg.split_k, num_warps=cfg.num_warps, stages=cfg.stages,
+            block_n=cfg.block_n, rows=min(cfg.rows, group_size), split_k=cfg.split_k, num_warps=cfg.num_warps,
         )  # fmt: skip
     if cfg.kernel == "gemm":
         block_k = cfg.block_k
@@ -94,7 +93,7 @@ def run_config(
         return gemm.gemm(
             x, qweight, qzeros, scales, group_size, bias,
             block_m=cfg.block_m, block_n=cfg.block_n, block_k=block_k, split_k=cfg.split_k,
-            num_warps=cfg.num_warps, stages=cfg.stages, swap=cfg.swap,
+            num_warps=cfg.num_warps, stages=cfg.stages, swap=cfg.swap, dq=cfg.dq,
         )  # fmt: skip
     if cfg.kernel == "dequant":
         return dequant.dequant_matmul(x, qweight, qzeros, scales, group_size, bias)

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from awqkit.kernels.common import interpreting, nibbles_minus_zeros, unpack_tile
+from awqkit.kernels.common import interpreting, nibble_value, nibbles_minus_zeros, unpack_tile, unpack_tile_one_plus
 from awqkit.kernels.gemv import reduce_splits
 
 
@@ -38,18 +38,17 @@ def dequant_tile(qw_ptr, qz_ptr, s_ptr, k0, offs_k, offs_n, offs_n8, mask_n, mas
     return w.to(dtype)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "stride_os"])  # see gemv.py: no recompile per M; N8 passed for its divisibility
 def _gemm_kernel(
     x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, bias_ptr,
-    M, N, K, k_split, stride_xm, stride_os, stride_om,
+    M, N, N8, K, k_split, stride_xm, stride_os, stride_om,
     G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     STAGES: tl.constexpr, SWAP: tl.constexpr, TO_WORKSPACE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    DOT_F32: tl.constexpr,
+    DOT_F32: tl.constexpr, DQ: tl.constexpr, ASM: tl.constexpr,
 ):  # fmt: skip
     BN8: tl.constexpr = BN // 8
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    N8 = N // 8
 
     # grouped tile order: GROUP_M row-tiles share each weight tile while it is in L2
     num_pid_m = tl.cdiv(M, BM)
@@ -80,14 +79,37 @@ def _gemm_kernel(
         acc = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in tl.range(k_begin, k_end, BK, num_stages=STAGES):
         a = tl.load(x_ptrs + k0, mask=mask_m[:, None], other=0.0)
-        w = dequant_tile(qw_ptr, qz_ptr, s_ptr, k0, offs_k, offs_n, offs_n8, mask_n, mask_n8, N, N8, G, BK, BN, dtype)
-        if DOT_F32:  # Triton's CPU interpreter multiplies bf16 tiles wrongly; fp32 holds them exactly
-            a = a.to(tl.float32)
-            w = w.to(tl.float32)
-        if SWAP:
-            acc = tl.dot(tl.trans(w), tl.trans(a), acc)
-        else:
-            acc = tl.dot(a, w, acc)
+        if DQ == 0:  # w = (q - z) * s rounded once to the activation dtype
+            w = dequant_tile(
+                qw_ptr, qz_ptr, s_ptr, k0, offs_k, offs_n, offs_n8, mask_n, mask_n8, N, N8, G, BK, BN, dtype
+            )
+            if DOT_F32:  # Triton's CPU interpreter multiplies bf16 tiles wrongly; fp32 holds them exactly
+                a = a.to(tl.float32)
+                w = w.to(tl.float32)
+            if SWAP:
+                acc = tl.dot(tl.trans(w), tl.trans(a), acc)
+            else:
+                acc = tl.dot(a, w, acc)
+        else:  # BK == G: f = 1 + q/16 is exact in bf16/fp16, so the tile costs a funnel shift and a LOP3 per weight;
+            # x (q - z) s summed over the group = s (16 (x @ f) - (16 + z) sum x), applied once per group
+            qw = tl.load(qw_ptr + (k0 + offs_k)[:, None] * N8 + offs_n8[None, :], mask=mask_n8[None, :], other=0)
+            f = unpack_tile_one_plus(qw, BN, ASM).to(dtype)
+            g = k0 // G
+            z16 = 16.0 + nibble_value(unpack_tile(tl.load(qz_ptr + g * N8 + offs_n8[None, :], mask=mask_n8[None, :],
+                                                          other=0), BN))  # fmt: skip
+            s = tl.load(s_ptr + g * N + offs_n[None, :], mask=mask_n[None, :], other=0.0).to(tl.float32)
+            sx = tl.sum(a.to(tl.float32), axis=1)[:, None]  # [BM, 1]
+            if DOT_F32:
+                a = a.to(tl.float32)
+                f = f.to(tl.float32)
+            if SWAP:
+                d = tl.trans(tl.dot(tl.trans(f), tl.trans(a)))
+            else:
+                d = tl.dot(a, f)
+            if SWAP:
+                acc += tl.trans(s * (16.0 * d - z16 * sx))
+            else:
+                acc += s * (16.0 * d - z16 * sx)
     if SWAP:
         acc = tl.trans(acc)
 
@@ -116,11 +138,15 @@ def gemm(
     num_warps: int = 4,
     stages: int = 3,
     swap: bool = False,
+    dq: int = 0,
 ) -> torch.Tensor:
     """``x [M, K] @ W (+ bias)`` with the fused dequantize-and-dot kernel; ``split_k`` slices of ``block_k`` tiles.
 
-    ``block_k`` must divide ``group_size`` or be a multiple of it.
+    ``block_k`` must divide ``group_size`` or be a multiple of it. ``dq=1`` (the ``1 + q/16`` form, fewer
+    instructions per weight) forces ``block_k = group_size``.
     """
+    if dq:
+        block_k = group_size
     m, k = x.shape
     n = scales.shape[1]
     assert group_size % block_k == 0 or block_k % group_size == 0, (block_k, group_size)
@@ -134,9 +160,10 @@ def gemm(
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), split_k)
     _gemm_kernel[grid](
         x, qweight, qzeros, scales, dest, bias if bias is not None else out,
-        m, n, k, k_split, x.stride(0), m * n, n,
+        m, n, n // 8, k, k_split, x.stride(0), m * n, n,
         G=group_size, BM=block_m, BN=block_n, BK=block_k, GROUP_M=group_m, STAGES=stages, SWAP=swap,
-        TO_WORKSPACE=split_k > 1, HAS_BIAS=bias is not None, DOT_F32=interpreting(), num_warps=num_warps,
+        TO_WORKSPACE=split_k > 1, HAS_BIAS=bias is not None, DOT_F32=interpreting(), DQ=dq,
+        ASM=not interpreting(), num_warps=num_warps,
     )  # fmt: skip
     if split_k > 1:
         reduce_splits(dest, out, bias)

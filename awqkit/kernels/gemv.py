@@ -19,74 +19,109 @@ import torch
 import triton
 import triton.language as tl
 
-from awqkit.kernels.common import nibbles_minus_zeros, unpack_tile
+from awqkit.kernels.common import interpreting, nibble_value, unpack_row, unpack_row_one_plus
 
 
-@triton.jit
+# M and the workspace stride change with every batch size: not specialising on them avoids a recompile per M.
+# N8 = N / 8 is passed (not computed) so Triton sees its divisibility by 16 and issues 16-byte weight loads.
+@triton.jit(do_not_specialize=["M", "stride_os"])
 def _gemv_kernel(
     x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, bias_ptr,
-    M, N, K, k_split, stride_xm, stride_os, stride_om,
-    G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-    STAGES: tl.constexpr, TO_WORKSPACE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    M, N, N8, K, k_split, stride_xm, stride_os, stride_om,
+    G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, ROWS: tl.constexpr,
+    TO_WORKSPACE: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
 ):  # fmt: skip
+    """Row-streaming GEMV: a program owns ``BN`` columns and ``k_split`` rows (whole groups) of ``W``.
+
+    The weight is walked one row at a time as a 1-D ``[BN / 8]`` vector, so every thread keeps its own columns for
+    the whole K range and the sum over K never leaves the thread: no shuffles, no shared memory, no barriers (a 2-D
+    ``[BK, BN]`` tile makes Triton spread K over lanes and warps and reduce across them every step — measured 3x
+    slower). ``ROWS`` rows are loaded before any is used to keep enough bytes in flight. Up to four activation rows
+    (``BM <= 4``) share each unpacked weight.
+    """
     BN8: tl.constexpr = BN // 8
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    N8 = N // 8
 
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_n8 = pid_n * BN8 + tl.arange(0, BN8)
     mask_n = offs_n < N
     mask_n8 = offs_n8 < N8
-    offs_k = tl.arange(0, BK)
-    offs_m = tl.arange(0, BM)
-    mask_m = offs_m < M
-
     k_begin = pid_k * k_split
     k_end = tl.minimum(k_begin + k_split, K)
 
-    qw_ptrs = qw_ptr + offs_k[:, None] * N8 + offs_n8[None, :]
-    if BM == 1:
-        acc = tl.zeros([BN], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BM, BN], dtype=tl.float32)
-
-    for k0 in tl.range(k_begin, k_end, BK, num_stages=STAGES):
-        qw = tl.load(qw_ptrs + k0 * N8, mask=mask_n8[None, :], other=0)
-        g = k0 // G
-        qz = tl.load(qz_ptr + g * N8 + offs_n8[None, :], mask=mask_n8[None, :], other=0)
-        s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        w = nibbles_minus_zeros(unpack_tile(qw, BN), unpack_tile(qz, BN))  # [BK, BN] exact q - z
-        if BM == 1:
-            x = tl.load(x_ptr + k0 + offs_k).to(tl.float32)
-            acc += s * tl.sum(w * x[:, None], axis=0)
-        else:
-            x = tl.load(
-                x_ptr + offs_m[:, None] * stride_xm + k0 + offs_k[None, :], mask=mask_m[:, None], other=0.0
-            ).to(tl.float32)
-            acc += s[None, :] * tl.sum(x[:, :, None] * w[None, :, :], axis=1)
+    acc0 = tl.zeros([BN], dtype=tl.float32)
+    acc1 = tl.zeros([BN], dtype=tl.float32)
+    acc2 = tl.zeros([BN], dtype=tl.float32)
+    acc3 = tl.zeros([BN], dtype=tl.float32)
+    for g0 in range(k_begin, k_end, G):
+        grp = g0 // G
+        z16 = 16.0 + nibble_value(unpack_row(tl.load(qz_ptr + grp * N8 + offs_n8, mask=mask_n8, other=0), BN))
+        s = tl.load(s_ptr + grp * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        # group partials: d = sum_k x_k (1 + q_k / 16), sx = sum_k x_k
+        d0 = tl.zeros([BN], dtype=tl.float32)
+        d1 = tl.zeros([BN], dtype=tl.float32)
+        d2 = tl.zeros([BN], dtype=tl.float32)
+        d3 = tl.zeros([BN], dtype=tl.float32)
+        sx0 = 0.0
+        sx1 = 0.0
+        sx2 = 0.0
+        sx3 = 0.0
+        for r0 in range(g0, g0 + G, ROWS):
+            for r in tl.static_range(ROWS):
+                f = unpack_row_one_plus(tl.load(qw_ptr + (r0 + r) * N8 + offs_n8, mask=mask_n8, other=0), BN, ASM)
+                xv = tl.load(x_ptr + r0 + r).to(tl.float32)
+                d0 += f * xv
+                sx0 += xv
+                if BM > 1:
+                    xv = tl.load(x_ptr + stride_xm + r0 + r).to(tl.float32)
+                    d1 += f * xv
+                    sx1 += xv
+                if BM > 2:
+                    xv = tl.load(x_ptr + 2 * stride_xm + r0 + r).to(tl.float32)
+                    d2 += f * xv
+                    sx2 += xv
+                if BM > 3:
+                    xv = tl.load(x_ptr + 3 * stride_xm + r0 + r).to(tl.float32)
+                    d3 += f * xv
+                    sx3 += xv
+        # sum_k x_k (q_k - z) s = s (16 (d - sx) - z sx) = s (16 d - (16 + z) sx)
+        acc0 += s * (16.0 * d0 - z16 * sx0)
+        if BM > 1:
+            acc1 += s * (16.0 * d1 - z16 * sx1)
+        if BM > 2:
+            acc2 += s * (16.0 * d2 - z16 * sx2)
+        if BM > 3:
+            acc3 += s * (16.0 * d3 - z16 * sx3)
 
     if TO_WORKSPACE:
-        base = out_ptr + pid_k * stride_os
-        if BM == 1:
-            tl.store(base + offs_n, acc, mask=mask_n)
-        else:
-            tl.store(base + offs_m[:, None] * stride_om + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
+        base = out_ptr + pid_k * stride_os + offs_n
+        tl.store(base, acc0, mask=mask_n)
+        if BM > 1:
+            tl.store(base + stride_om, acc1, mask=mask_n)
+        if BM > 2:
+            tl.store(base + 2 * stride_om, acc2, mask=mask_n)
+        if BM > 3:
+            tl.store(base + 3 * stride_om, acc3, mask=mask_n)
     else:
         if HAS_BIAS:
             b = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            if BM == 1:
-                acc += b
-            else:
-                acc += b[None, :]
-        y = acc.to(out_ptr.dtype.element_ty)
-        if BM == 1:
-            tl.store(out_ptr + offs_n, y, mask=mask_n)
-        else:
-            tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y, mask=mask_m[:, None] & mask_n[None, :])
+            acc0 += b
+            acc1 += b
+            acc2 += b
+            acc3 += b
+        base = out_ptr + offs_n
+        ty = out_ptr.dtype.element_ty
+        tl.store(base, acc0.to(ty), mask=mask_n)
+        if BM > 1:
+            tl.store(base + stride_om, acc1.to(ty), mask=mask_n)
+        if BM > 2:
+            tl.store(base + 2 * stride_om, acc2.to(ty), mask=mask_n)
+        if BM > 3:
+            tl.store(base + 3 * stride_om, acc3.to(ty), mask=mask_n)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["MN"])
 def _reduce_kernel(ws_ptr, out_ptr, bias_ptr, MN, N, SPLIT, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     """``out = sum_s ws[s] (+ bias)`` cast to the output dtype; ``ws`` is ``[SPLIT, M, N]`` fp32, contiguous."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -118,37 +153,32 @@ def gemv(
     group_size: int,
     bias: torch.Tensor | None = None,
     *,
-    block_n: int = 256,
-    block_k: int = 128,
+    block_n: int = 1024,
+    rows: int = 8,
     split_k: int = 1,
-    num_warps: int = 4,
-    stages: int = 2,
+    num_warps: int = 1,
 ) -> torch.Tensor:
-    """``x [M, K] @ W (+ bias)`` for small M on CUDA cores; ``split_k`` slices of whole ``block_k`` tiles.
+    """``x [M, K] @ W (+ bias)`` for ``M <= 4`` on CUDA cores; ``split_k`` slices of whole groups.
 
-    ``block_k`` must divide the group size; ``M`` may be anything but the work per weight grows with it (one FFMA
-    per row), so the dispatcher uses this only for M ≤ 4.
+    ``block_n`` should be ``256 * num_warps`` times 1, 2 or 4 (4-, 8- or 16-byte weight loads per thread): a smaller
+    block would make Triton replicate work across threads.
     """
     m, k = x.shape
     n = scales.shape[1]
-    block_k = min(block_k, group_size)
-    assert group_size % block_k == 0 and x.stride(1) == 1
-    bm = 1 if m == 1 else triton.next_power_of_2(m)
-    steps = k // block_k
-    split_k = max(1, min(split_k, steps))
-    k_split = triton.cdiv(steps, split_k) * block_k
+    assert 1 <= m <= 4, "the GEMV takes at most 4 rows"
+    assert x.stride(1) == 1 and group_size % rows == 0
+    groups = k // group_size
+    split_k = max(1, min(split_k, groups))
+    k_split = triton.cdiv(groups, split_k) * group_size
     split_k = triton.cdiv(k, k_split)  # no empty slices
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    if split_k > 1:
-        dest = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
-    else:
-        dest = out
+    dest = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
     grid = (triton.cdiv(n, block_n), split_k)
     _gemv_kernel[grid](
         x, qweight, qzeros, scales, dest, bias if bias is not None else out,
-        m, n, k, k_split, x.stride(0), m * n, n,
-        G=group_size, BM=bm, BN=block_n, BK=block_k, STAGES=stages,
-        TO_WORKSPACE=split_k > 1, HAS_BIAS=bias is not None, num_warps=num_warps,
+        m, n, n // 8, k, k_split, x.stride(0), m * n, n,
+        G=group_size, BM=m, BN=block_n, ROWS=rows, TO_WORKSPACE=split_k > 1, HAS_BIAS=bias is not None,
+        ASM=not interpreting(), num_warps=num_warps,
     )  # fmt: skip
     if split_k > 1:
         reduce_splits(dest, out, bias)

@@ -228,7 +228,7 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
         req.check_unsupported()
         check_model(req.model)
         check_accepting()
-        prompt_ids = _render_chat(engine.tokenizer, req.messages)
+        prompt_ids = _render_chat(_tokenizer(engine), req.messages)
         return await _generate(request, state, req, [prompt_ids], chat=True)
 
     @app.post("/v1/completions")
@@ -238,11 +238,11 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
         req.check_unsupported()
         check_model(req.model)
         check_accepting()
-        vocab = int(getattr(engine.config, "vocab_size", 0) or 0)
+        vocab = int(getattr(engine, "vocab_size", 0) or getattr(engine.config, "vocab_size", 0) or 0)
         prompts: list[list[int]] = []
         for p in req.prompts():
             if isinstance(p, str):
-                prompts.append(list(engine.tokenizer(p)["input_ids"]))
+                prompts.append(list(_tokenizer(engine)(p)["input_ids"]))
             else:
                 if vocab and any(t < 0 or t >= vocab for t in p):
                     raise P.bad_request(f"Prompt token ids must lie in [0, {vocab}).", param="prompt")
@@ -252,6 +252,15 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
 
 def _unavailable(message: str, code: str) -> P.ApiError:
     return P.ApiError(503, message, type="server_error", code=code, headers={"Retry-After": str(RETRY_AFTER_S)})
+
+
+def _tokenizer(engine: Any) -> Any:
+    if engine.tokenizer is None:
+        raise P.bad_request(
+            "This checkpoint has no tokenizer: send /v1/completions with 'prompt' as token ids, or add the tokenizer "
+            "files to the checkpoint directory."
+        )
+    return engine.tokenizer
 
 
 def _render_chat(tokenizer: Any, messages: list[P.ChatMessage]) -> list[int]:
@@ -381,7 +390,7 @@ async def _collect(ctx: _Context, sink: RequestSink, scheduler: Scheduler, reque
         while len(done) < ctx.total:
             try:
                 events = await asyncio.wait_for(sink.queue.get(), timeout=DISCONNECT_POLL_S)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # noqa: UP041 - not the builtin TimeoutError before Python 3.11
                 events = []
             if loop.time() >= next_check:  # tokens may arrive faster than the poll: check by the clock
                 next_check = loop.time() + DISCONNECT_POLL_S
@@ -424,6 +433,8 @@ async def _stream(ctx: _Context, sink: RequestSink, scheduler: Scheduler, includ
             )
         while len(done) < ctx.total:
             events: list[SeqEvent] = await sink.queue.get()
+            while not sink.queue.empty():  # several engine steps may be ready: send them in one write
+                events.extend(sink.queue.get_nowait())
             out: list[str] = []
             for ev in events:
                 if ev.error is not None:

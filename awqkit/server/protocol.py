@@ -60,9 +60,9 @@ def strip_trailing_commas(text: str) -> str:
     """
     out: list[str] = []
     in_string = escaped = False
-    i, n = 0, len(text)
-    while i < n:
-        ch = text[i]
+    last = ""  # the last significant character outside strings
+    n = len(text)
+    for i, ch in enumerate(text):
         if in_string:
             out.append(ch)
             if escaped:
@@ -71,18 +71,19 @@ def strip_trailing_commas(text: str) -> str:
                 escaped = True
             elif ch == '"':
                 in_string = False
-        elif ch == '"':
-            in_string = True
-            out.append(ch)
-        elif ch == ",":
+            continue
+        if ch == ",":
             j = i + 1
             while j < n and text[j] in " \t\r\n":
                 j += 1
-            if j >= n or text[j] not in "}]":
-                out.append(ch)
-        else:
-            out.append(ch)
-        i += 1
+            # only a comma that ends a non-empty list of items: "[1,]" yes; "[,]", "{,}" and "1,,]" stay broken
+            if j < n and text[j] in "}]" and last not in ("", "{", "[", ","):
+                continue
+        out.append(ch)
+        if ch == '"':
+            in_string = True
+        if not ch.isspace():
+            last = ch
     return "".join(out)
 
 

@@ -183,7 +183,7 @@ class Scheduler:
         """Sequences waiting for a slot."""
         return len(self._waiting)
 
-    # -- the engine thread -----------------------------------------------------------------------------------------------
+    # -- the engine thread ---------------------------------------------------------------------------------------------
 
     def _free_slots_estimate(self) -> int:
         try:
@@ -215,8 +215,11 @@ class Scheduler:
             self._update_gauges()
 
     def _drain_due(self) -> bool:
-        return self._draining and self._drain_deadline is not None and time.monotonic() >= self._drain_deadline and (
-            bool(self._waiting) or bool(self._running)
+        return (
+            self._draining
+            and self._drain_deadline is not None
+            and time.monotonic() >= self._drain_deadline
+            and (bool(self._waiting) or bool(self._running))
         )
 
     def _wait_timeout(self) -> float | None:
@@ -337,9 +340,7 @@ class Scheduler:
     def _finish(self, seq: Sequence, reason: str, deliver: bool) -> None:
         self._count_finish(seq, reason)
         if deliver:
-            seq.sink.deliver(
-                [SeqEvent(seq.index, "", 0, True, reason, completion_tokens=seq.completion_tokens)]
-            )
+            seq.sink.deliver([SeqEvent(seq.index, "", 0, True, reason, completion_tokens=seq.completion_tokens)])
 
     def _fail(self, seq: Sequence, exc: BaseException) -> None:
         self._count_finish(seq, "error")

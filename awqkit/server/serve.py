@@ -44,9 +44,16 @@ def serve(
     from awqkit.engine import Engine
     from awqkit.server.app import create_app
 
+    if checkpoint is None:
+        from awqkit.errors import ConfigError
+
+        raise ConfigError(
+            "no checkpoint given: pass an AWQ checkpoint directory (make one from the embedded default with "
+            "`awqkit quantize -o DIR`, then `awqkit serve DIR`)"
+        )
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(levelname)s: %(message)s")
     engine = Engine.from_checkpoint(
-        checkpoint, device=device, dtype=dtype, max_num_seqs=max_num_seqs, max_model_len=max_model_len
+        checkpoint, device=device, dtype=torch_dtype(dtype), max_num_seqs=max_num_seqs, max_model_len=max_model_len
     )
     app = create_app(
         engine,
@@ -77,6 +84,31 @@ def serve(
     )
     server = _graceful_server(config, on_first_signal=lambda: state.scheduler.drain(shutdown_grace_s))
     _run_without_reraise(server)
+
+
+def torch_dtype(dtype: Any) -> Any:
+    """A dtype name (``bfloat16``/``bf16``, ``float16``/``fp16``, ``float32``/``fp32``) → torch dtype; others pass."""
+    if dtype is None or not isinstance(dtype, str):
+        return dtype
+    import torch
+
+    from awqkit.errors import ConfigError
+
+    names = {
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "half": torch.float16,
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float": torch.float32,
+        "auto": None,
+    }
+    key = dtype.lower().removeprefix("torch.")
+    if key not in names:
+        raise ConfigError(f"unknown dtype {dtype!r}; use bfloat16, float16 or float32")
+    return names[key]
 
 
 def _graceful_server(config: Any, on_first_signal: Any) -> Any:
@@ -117,7 +149,7 @@ def _run_without_reraise(server: Any) -> None:
 def build_parser(prog: str = "python -m awqkit.server") -> argparse.ArgumentParser:
     """The command line shared by ``python -m awqkit.server`` (``awqkit serve`` has the same options)."""
     p = argparse.ArgumentParser(prog=prog, description="Serve an AWQ checkpoint behind an OpenAI-compatible API.")
-    p.add_argument("checkpoint", nargs="?", default=None, help="checkpoint directory (default: the embedded model)")
+    p.add_argument("checkpoint", nargs="?", default=None, help="AWQ checkpoint directory")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(

@@ -1,0 +1,1 @@
+"""Bridges to other libraries: :mod:`awqkit.integrations.transformers` loads AWQ checkpoints in Transformers."""

@@ -1,0 +1,365 @@
+"""The engine against Transformers on the same (dequantized) weights, its batching, sampling and text streaming.
+
+CPU, float32: every comparison with Transformers is on identical weights, so greedy tokens must match exactly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from awqkit import QuantConfig, quantize_rtn
+from awqkit.engine import Engine, NoFreeSlotError, SamplingParams
+from awqkit.engine.config import ModelConfig, rope_tables
+from awqkit.engine.detok import IncrementalDetokenizer, TextStream
+from awqkit.engine.sampling import SamplingBatch, apply_penalties, filter_top_k_top_p, sample, uniform_noise
+from awqkit.errors import ConfigError
+from awqkit.formats.load import load_quantized_model
+from awqkit.formats.save import save_checkpoint
+from tests.conftest import random_token_blocks, tiny_model
+
+FIXTURES = Path(__file__).parent / "fixtures"
+GREEDY = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
+def family_checkpoint(request, tmp_path_factory) -> Path:
+    """A tiny random model of each family (Qwen2: q/k/v bias; Qwen3: q/k norm), RTN g32, saved by awqkit."""
+    model = tiny_model(request.param)
+    quant = quantize_rtn(model, QuantConfig(group_size=32))
+    return save_checkpoint(model, tmp_path_factory.mktemp("engine") / f"tiny-{request.param}", quant)
+
+
+@pytest.fixture(scope="module")
+def llama_engine(tmp_path_factory) -> Engine:
+    model = tiny_model("llama", seed=1)
+    quant = quantize_rtn(model, QuantConfig(group_size=32))
+    path = save_checkpoint(model, tmp_path_factory.mktemp("engine") / "tiny-llama", quant)
+    return Engine.from_checkpoint(path, max_num_seqs=4, max_model_len=160, prefill_chunk=64)
+
+
+@pytest.fixture(scope="module")
+def smollm_engine(smollm_rtn_checkpoint) -> Engine:
+    return Engine.from_checkpoint(smollm_rtn_checkpoint, max_num_seqs=4, max_model_len=256)
+
+
+def float_reference(path: Path) -> torch.nn.Module:
+    """The Transformers model of a checkpoint with each AWQLinear replaced by a Linear of its dequantized weight."""
+    from awqkit.nn import AWQLinear
+
+    model = load_quantized_model(path)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, AWQLinear):
+            linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            linear.weight.data = module.dequantized_weight(torch.float32)
+            if module.bias is not None:
+                linear.bias.data = module.bias.float()
+            parent, _, child = name.rpartition(".")
+            model.get_submodule(parent).register_module(child, linear)
+    return model
+
+
+def hf_greedy(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def record_logits(engine: Engine, monkeypatch) -> dict[str, list[torch.Tensor]]:
+    """Capture the logits each request is sampled from (by request id)."""
+    seen: dict[str, list[torch.Tensor]] = {}
+    original = engine._sample
+
+    def spy(reqs, logits):
+        for r, row in zip(reqs, logits):
+            seen.setdefault(r.id, []).append(row.float().clone())
+        return original(reqs, logits)
+
+    monkeypatch.setattr(engine, "_sample", spy)
+    return seen
+
+
+# --- against Transformers -------------------------------------------------------------------------------------
+
+
+def test_greedy_matches_transformers(family_checkpoint):
+    engine = Engine.from_checkpoint(family_checkpoint, max_num_seqs=2, max_model_len=128)
+    reference = load_quantized_model(family_checkpoint)
+    prompt = random_token_blocks(1, 20, seed=3)[0]
+    assert engine.generate([prompt], GREEDY)[0].token_ids == hf_greedy(reference, prompt, GREEDY.max_new_tokens)
+    with torch.inference_mode():
+        expected = reference(torch.tensor([prompt])).logits[0]
+        got = engine.model(torch.tensor([prompt]), torch.arange(20)[None], 0, 20, logits="all")[0]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_autoawq_fixture_logits():
+    """AutoAWQ's own checkpoint (4.x config) gives the logits AutoAWQ's dequantization gives."""
+    from safetensors.torch import load_file
+
+    ref = load_file(FIXTURES / "autoawq-tiny-llama-g64.reference.safetensors")
+    engine = Engine.from_checkpoint(FIXTURES / "autoawq-tiny-llama-g64", max_num_seqs=2, max_model_len=64)
+    ids = ref["input_ids"]
+    with torch.inference_mode():
+        got = engine.model(ids, torch.arange(ids.shape[1])[None].expand_as(ids), 0, ids.shape[1], logits="all")
+    torch.testing.assert_close(got, ref["logits"], rtol=1e-3, atol=1e-3)
+
+
+def test_smollm_greedy_matches_transformers(smollm_engine, smollm_rtn_checkpoint):
+    reference = float_reference(smollm_rtn_checkpoint)
+    prompt = smollm_engine.encode("The capital of France is")
+    params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    result = smollm_engine.generate([prompt], params)[0]
+    assert result.token_ids == hf_greedy(reference, prompt, 12)
+    assert result.text == smollm_engine.tokenizer.decode(result.token_ids, skip_special_tokens=True)
+    assert (result.prompt_tokens, result.completion_tokens, result.finish_reason) == (len(prompt), 12, "length")
+
+
+# --- batching ----------------------------------------------------------------------------------------------------
+
+
+def test_batch_matches_single(llama_engine, monkeypatch):
+    """Sequences of different lengths decoding in one batch give the tokens and logits they give alone."""
+    prompts = [random_token_blocks(1, n, seed=n)[0] for n in (5, 17, 40)]
+    seen = record_logits(llama_engine, monkeypatch)
+    batched = llama_engine.generate(prompts, GREEDY)
+    batch_logits = list(seen.values())
+    seen.clear()
+    for prompt, result, logits in zip(prompts, batched, batch_logits):
+        alone = llama_engine.generate([prompt], GREEDY)[0]
+        assert alone.token_ids == result.token_ids
+        (alone_logits,) = seen.values()
+        seen.clear()
+        torch.testing.assert_close(torch.stack(logits), torch.stack(alone_logits), rtol=1e-4, atol=1e-4)
+
+
+def test_more_prompts_than_slots(llama_engine):
+    prompts = random_token_blocks(7, 9, seed=5)
+    results = llama_engine.generate(prompts, SamplingParams(max_new_tokens=5, temperature=0, ignore_eos=True))
+    assert [len(r.token_ids) for r in results] == [5] * 7
+    assert results[0].token_ids == llama_engine.generate([prompts[0]], GREEDY)[0].token_ids[:5]
+    assert llama_engine.num_free_slots() == 4 and not llama_engine.has_unfinished()
+
+
+def test_long_prompt_crosses_prefill_chunk(llama_engine):
+    prompt = random_token_blocks(1, 150, seed=9)[0]  # chunk 64: three forwards, the last a partial one
+    chunked = llama_engine.generate([prompt], SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True))[0]
+    llama_engine.prefill_chunk = 1000
+    try:
+        whole = llama_engine.generate([prompt], SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True))[0]
+    finally:
+        llama_engine.prefill_chunk = 64
+    assert chunked.token_ids == whole.token_ids
+
+
+def test_step_api(llama_engine):
+    """The server's primitives: slots, step outputs, joining mid-flight, abort, length limits."""
+    engine = llama_engine
+    a, b = random_token_blocks(2, 12, seed=11)
+    engine.add_request("a", a, SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True))
+    first = engine.step()  # prefill "a" → its first token
+    assert [(o.request_id, o.completion_tokens, o.finished) for o in first] == [("a", 1, False)]
+    engine.add_request("b", b, SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True))
+    assert engine.num_free_slots() == 2
+    second = {o.request_id: o for o in engine.step()}  # "b" prefills while "a" decodes
+    assert second["a"].completion_tokens == 2 and second["b"].completion_tokens == 1
+    third = {o.request_id: o for o in engine.step()}
+    assert third["a"].finished and third["a"].finish_reason == "length" and third["a"].prompt_tokens == 12
+    assert engine.num_free_slots() == 3
+    engine.abort("b")
+    assert engine.num_free_slots() == 4 and not engine.has_unfinished()
+    with pytest.raises(ConfigError, match="160"):
+        engine.add_request("c", [1] * 150, SamplingParams(max_new_tokens=11))
+    for i in range(4):
+        engine.add_request(f"full{i}", [1, 2, 3], SamplingParams(max_new_tokens=4))
+    with pytest.raises(NoFreeSlotError):
+        engine.add_request("one-too-many", [1, 2, 3], SamplingParams(max_new_tokens=4))
+    for i in range(4):
+        engine.abort(f"full{i}")
+
+
+def test_stop_token_ids(llama_engine):
+    prompt = random_token_blocks(1, 10, seed=4)[0]
+    free = llama_engine.generate([prompt], GREEDY)[0].token_ids
+    stop_at = next(i for i, t in enumerate(free) if t not in free[:i])
+    if stop_at == 0:
+        stop_at = next(i for i, t in enumerate(free) if i > 0 and t not in free[:i])
+    params = SamplingParams(max_new_tokens=24, temperature=0, stop_token_ids=[free[stop_at]], ignore_eos=True)
+    stopped = llama_engine.generate([prompt], params)[0]
+    assert stopped.token_ids == free[: stop_at + 1] and stopped.finish_reason == "stop"
+
+
+# --- sampling ----------------------------------------------------------------------------------------------------
+
+
+def test_seed_reproducible_and_batch_independent(llama_engine):
+    prompt, other = random_token_blocks(2, 8, seed=6)
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, seed=1234, ignore_eos=True)
+    first = llama_engine.generate([prompt], params)[0].token_ids
+    assert llama_engine.generate([prompt], params)[0].token_ids == first
+    assert llama_engine.generate([other, prompt], [SamplingParams(temperature=0.7, max_new_tokens=16), params])[
+        1
+    ].token_ids == first
+    others = {tuple(llama_engine.generate([prompt], SamplingParams(max_new_tokens=16, seed=s))[0].token_ids)
+              for s in range(4)}
+    assert len(others) > 1
+
+
+def test_top_k_1_is_greedy(llama_engine):
+    prompt = random_token_blocks(1, 8, seed=7)[0]
+    greedy = llama_engine.generate([prompt], GREEDY)[0].token_ids
+    top1 = llama_engine.generate([prompt], SamplingParams(max_new_tokens=24, temperature=1.5, top_k=1, seed=3,
+                                                          ignore_eos=True))[0].token_ids
+    assert top1 == greedy
+
+
+def test_top_k_top_p_filter():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4]]))
+    kept = filter_top_k_top_p(logits, torch.tensor([0, 3, 1]), torch.tensor([0.7, 1.0, 1.0])).isfinite()
+    assert kept.tolist() == [[True, True, False, False], [True, True, True, False], [False, False, False, True]]
+
+
+def test_sampling_follows_the_distribution():
+    probs = torch.tensor([0.6, 0.3, 0.1, 0.0])
+    n = 4000
+    batch = SamplingBatch.build([SamplingParams()] * n, [7] * n, list(range(n)), torch.device("cpu"))
+    tokens = sample(torch.log(probs).expand(n, 4), batch)
+    freq = torch.bincount(tokens, minlength=4) / n
+    assert torch.allclose(freq, probs, atol=0.03) and freq[3] == 0
+    u = uniform_noise(torch.tensor([1, 2]), torch.tensor([0, 0]), 1000)
+    assert 0 < u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.02 and not torch.equal(u[0], u[1])
+
+
+def test_penalties_move_logits_the_right_way():
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
+    prompt_seen = torch.tensor([[True, True, False, False]])
+    counts = torch.tensor([[0, 0, 2, 0]])
+
+    def penalized(**kw):
+        batch = SamplingBatch.build([SamplingParams(**kw)], [0], [0], torch.device("cpu"))
+        return apply_penalties(logits, batch, prompt_seen, counts)[0].tolist()
+
+    # repetition: seen tokens (prompt or output) move toward less likely, from either sign
+    assert penalized(repetition_penalty=2.0) == [1.0, -4.0, 0.5, 0.5]
+    # presence / frequency: output tokens only, once / per occurrence
+    assert penalized(presence_penalty=1.0) == [2.0, -2.0, 0.0, 0.5]
+    assert penalized(frequency_penalty=1.0) == [2.0, -2.0, -1.0, 0.5]
+
+
+def test_penalties_in_generation(llama_engine):
+    """Greedy with a strong frequency penalty repeats fewer tokens than plain greedy."""
+    prompt = random_token_blocks(1, 6, seed=8)[0]
+    plain = llama_engine.generate([prompt], SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True))[0]
+    params = SamplingParams(max_new_tokens=40, temperature=0, frequency_penalty=2.0, presence_penalty=2.0,
+                            ignore_eos=True)
+    penalized = llama_engine.generate([prompt], params)[0]
+    assert len(set(penalized.token_ids)) > len(set(plain.token_ids))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"temperature": -0.1}, {"temperature": float("nan")}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -1},
+        {"max_new_tokens": 0}, {"max_new_tokens": 2.5}, {"repetition_penalty": 0.0}, {"presence_penalty": 3.0},
+        {"frequency_penalty": -2.5}, {"seed": -1}, {"stop": [""]}, {"stop": [3]}, {"stop_token_ids": [-1]},
+        {"ignore_eos": "yes"},
+    ],
+)
+def test_bad_sampling_params(kwargs):
+    with pytest.raises(ConfigError, match="SamplingParams"):
+        SamplingParams(**kwargs)
+
+
+def test_sampling_params_normalise():
+    p = SamplingParams(stop="END", stop_token_ids=[5], temperature=0)
+    assert p.stop == ("END",) and p.stop_token_ids == (5,) and p.greedy
+
+
+# --- text --------------------------------------------------------------------------------------------------------
+
+
+def test_incremental_detokenizer_multibyte(smollm_engine):
+    tok = smollm_engine.tokenizer
+    text = "Café naïve — 世界 🎉🎉 ok"
+    ids = tok.encode(text)
+    detok = IncrementalDetokenizer(tok, [])
+    deltas = [detok.push(i) for i in ids] + [detok.flush()]
+    assert "".join(deltas) == text
+    assert all("\ufffd" not in d for d in deltas)
+    assert any(d == "" for d in deltas)  # some tokens are only part of a character
+
+
+def test_stop_string_held_back():
+    class Chars:  # one token per character
+        def decode(self, ids, **_):
+            return "".join(map(chr, ids))
+
+    stream = TextStream(Chars(), [], stop=("STOP",))
+    deltas, stopped = [], False
+    for ch in "abST!xST":
+        delta, stopped = stream.push(ord(ch))
+        deltas.append(delta)
+    assert "".join(deltas) == "abST!x" and not stopped  # "ST" still held: it may become "STOP"
+    assert [stream.push(ord(c)) for c in "OP"] == [("", False), ("", True)]
+    assert stream.text == "abST!x"  # cut before the stop string; the held-back "ST" was never sent
+
+
+def test_stream_and_stop_strings(smollm_engine):
+    prompt = "Once upon a time"
+    params = SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True)
+    full = smollm_engine.generate([prompt], params)[0]
+    assert "".join(smollm_engine.stream(prompt, params)) == full.text
+    stop = full.text[len(full.text) // 2 :][:3]
+    assert stop.strip()
+    cut = smollm_engine.generate([prompt], SamplingParams(max_new_tokens=20, temperature=0, stop=[stop]))[0]
+    assert cut.finish_reason == "stop" and cut.text == full.text[: full.text.index(stop)]
+    assert "".join(smollm_engine.stream(prompt, SamplingParams(max_new_tokens=20, temperature=0, stop=[stop]))) == cut.text
+
+
+def test_chat(smollm_engine):
+    result = smollm_engine.chat([{"role": "user", "content": "Say hi."}], SamplingParams(max_new_tokens=8, temperature=0))
+    assert result.completion_tokens >= 1 and result.finish_reason in ("stop", "length")
+    assert smollm_engine.model_name == "smollm2-135m-rtn-g64" and smollm_engine.dtype == torch.float32
+
+
+# --- config ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "linear", "factor": 2.0},
+        {"rope_type": "dynamic", "factor": 2.0},
+        {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+         "original_max_position_embeddings": 128},
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128},
+    ],
+)
+def test_rope_scaling_matches_transformers(rope):
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from tests.conftest import tiny_config
+
+    hf_config = tiny_config("llama", rope_parameters={"rope_theta": 10000.0, **rope})
+    cfg = ModelConfig.from_hf(hf_config)
+    cos, sin = rope_tables(cfg, 400)
+    positions = torch.arange(400)[None]
+    hf_cos, hf_sin = LlamaRotaryEmbedding(hf_config)(torch.zeros(1, dtype=torch.float32), positions)
+    # dynamic: exact while the context stays within max_position_embeddings (512 here)
+    torch.testing.assert_close(cos, hf_cos[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(sin, hf_sin[0], rtol=1e-6, atol=1e-6)
+
+
+def test_transformers_4_config_spelling():
+    from types import SimpleNamespace
+
+    old = SimpleNamespace(model_type="qwen2", vocab_size=100, hidden_size=64, intermediate_size=128,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+                          max_position_embeddings=256, rope_theta=1e6, rope_scaling={"type": "linear", "factor": 2.0},
+                          sliding_window=4096, use_sliding_window=False, tie_word_embeddings=True)
+    cfg = ModelConfig.from_hf(old)
+    assert cfg.rope == {"type": "linear", "factor": 2.0, "rope_theta": 1e6, "rope_type": "linear"}
+    assert cfg.head_dim == 16 and cfg.sliding_windows == (None, None)
