@@ -84,19 +84,6 @@ def _load_tokenizer(path: str, gguf_file: str | None = None) -> Any:
         ) from None
 
 
-def _torch_dtype(name: str | None) -> Any:
-    if name is None:
-        return None
-    import torch
-
-    from awqkit.errors import ConfigError
-
-    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    if name not in dtypes:
-        raise ConfigError(f"dtype {name!r} is not supported; use {', '.join(dtypes)}")
-    return dtypes[name]
-
-
 def _fsync_tree(root: Path) -> None:
     for path in [*root.rglob("*"), root]:
         fd = os.open(path, os.O_RDONLY)
@@ -241,8 +228,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _engine(args: argparse.Namespace) -> Any:
     from awqkit.engine import Engine
+    from awqkit.server.serve import torch_dtype
 
-    return Engine.from_checkpoint(args.checkpoint, device=args.device, dtype=_torch_dtype(args.dtype), max_num_seqs=1,
+    return Engine.from_checkpoint(args.checkpoint, device=args.device, dtype=torch_dtype(args.dtype), max_num_seqs=1,
                                   max_model_len=args.max_model_len)
 
 
@@ -328,7 +316,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from awqkit.server import serve
+    from awqkit.server.serve import serve
 
     serve(args.checkpoint, host=args.host, port=args.port, api_key=args.api_key,
           served_model_name=args.served_model_name, max_model_len=args.max_model_len,
@@ -407,8 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib", default=DEFAULT_CALIB, metavar="SOURCE",
                    help=f"calibration text: a .txt/.jsonl/.parquet file, builtin:python-docs, or a dataset name "
                         f"such as pileval (needs the network) (default {DEFAULT_CALIB})")
-    q.add_argument("--max-calib-samples", type=int, default=128, metavar="N", help="blocks of calibration tokens")
-    q.add_argument("--max-calib-seq-len", type=int, default=512, metavar="L", help="tokens per block")
+    q.add_argument("--max-calib-samples", type=int, default=128, metavar="N",
+                   help="blocks of calibration tokens (default 128)")
+    q.add_argument("--max-calib-seq-len", type=int, default=512, metavar="L", help="tokens per block (default 512)")
     q.add_argument("--device", default=None, help="where layers are processed: cpu or cuda (default: cuda if any)")
     q.add_argument("--report", metavar="DIR", help="write report.json and layer_error.png there")
     q.add_argument("--resume", action="store_true",
@@ -430,7 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
     e.add_argument("--max-windows", type=int, default=64, metavar="N", help="windows at most (default 64)")
     e.add_argument("--rtn", action="store_true", help="evaluate a round-to-nearest 4-bit copy of the float model")
-    e.add_argument("--group-size", type=_group_size, default="auto", metavar="G", help="group size for --rtn")
+    e.add_argument("--group-size", type=_group_size, default="auto", metavar="G",
+                   help="group size for --rtn (default auto)")
     e.add_argument("--no-zero-point", action="store_true", help="symmetric --rtn")
     e.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: the model's own)")
     e.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")

@@ -31,6 +31,9 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--windows", type=int, default=64)
+    ap.add_argument("--calib-dtype", default="auto", help="precision layers run in during the search")
+    ap.add_argument("--search-tokens", type=int, default=4096)
+    ap.add_argument("--tag", default="", help="suffix of the result file name")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
 
@@ -61,7 +64,7 @@ def main() -> None:
     quant_config = {"zero_point": True, "q_group_size": args.group_size, "w_bit": 4, "version": "GEMM"}
     t0 = time.perf_counter()
     awq.quantize(tokenizer, quant_config=quant_config, calib_data=args.calib, max_calib_samples=args.calib_samples,
-                 max_calib_seq_len=args.seq_len)
+                 max_calib_seq_len=args.seq_len, calib_dtype=args.calib_dtype, search_tokens=args.search_tokens)
     quant_s = time.perf_counter() - t0
     awq_ppl = ppl(awq.model)
     recovered = (rtn_ppl - awq_ppl) / (rtn_ppl - float_ppl)
@@ -70,6 +73,8 @@ def main() -> None:
         "device": torch.cuda.get_device_name() if eval_device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__,
         "group_size": args.group_size,
+        "calib_dtype": args.calib_dtype,
+        "search_tokens": args.search_tokens,
         "calibration": {"source": args.calib, **awq.report["calibration"]},
         "eval": {"source": args.eval_text, "windows": windows.shape[0], "seq_len": windows.shape[1]},
         "perplexity": {"float": float_ppl, "rtn": rtn_ppl, "awq": awq_ppl},
@@ -81,7 +86,7 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"quantize_smollm2_{eval_device.type}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"quantize_smollm2_{eval_device.type}{args.tag}.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 

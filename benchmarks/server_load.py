@@ -38,6 +38,7 @@ import httpx
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # awqkit from this checkout, installed or not
 RESULTS = REPO / "benchmarks" / "results"
 
 PROMPTS = [
@@ -105,12 +106,13 @@ def embedded_checkpoint(cache: Path) -> Path:
 
 def synthetic_tokenizer(vocab_size: int):
     """A word-level tokenizer whose token ``i`` is the word ``w<i>``: every id decodes to visible text."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {f"w{i}": i for i in range(vocab_size)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece()  # joins words with spaces
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token=f"w{vocab_size - 1}")
 
 
@@ -124,27 +126,35 @@ def random_awq_checkpoint(out: Path, shape: dict, group_size: int = 128, seed: i
     from awqkit.formats.config import QuantConfig
     from awqkit.formats.save import hf_config_dict, write_checkpoint_dir
 
-    g = torch.Generator().manual_seed(seed)
+    # random numbers are drawn on the GPU when there is one (seconds instead of minutes for 7B), then saved from the CPU
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator(device).manual_seed(seed)
     cfg = Qwen2Config(**shape)
     h, inter, hd = cfg.hidden_size, cfg.intermediate_size, cfg.hidden_size // cfg.num_attention_heads
     kv = cfg.num_key_value_heads * hd
+
+    def packed(shape: tuple[int, int]) -> torch.Tensor:
+        """Random int32 words: every bit pattern is eight valid 4-bit values."""
+        return torch.randint(-(2**31), 2**31 - 1, shape, generator=g, dtype=torch.int32, device=device).cpu()
+
+    def normal(shape: tuple[int, int], std: float) -> torch.Tensor:
+        return (torch.randn(shape, generator=g, device=device) * std).half().cpu()
 
     def awq(name: str, k: int, n: int, bias: bool = False) -> dict[str, torch.Tensor]:
         # (q - z) has std ~6.5 for uniform nibbles: this scale keeps each layer's output at the input's size
         scale = 1.0 / (6.5 * k**0.5)
         t = {
-            f"{name}.qweight": torch.randint(-(2**31), 2**31 - 1, (k, n // 8), generator=g, dtype=torch.int32),
-            f"{name}.qzeros": torch.randint(-(2**31), 2**31 - 1, (k // group_size, n // 8), generator=g,
-                                            dtype=torch.int32),
+            f"{name}.qweight": packed((k, n // 8)),
+            f"{name}.qzeros": packed((k // group_size, n // 8)),
             f"{name}.scales": torch.full((k // group_size, n), scale, dtype=torch.float16),
-        }  # fmt: skip
+        }
         if bias:
             t[f"{name}.bias"] = torch.zeros(n, dtype=torch.float16)
         return t
 
     tensors: dict[str, torch.Tensor] = {
-        "model.embed_tokens.weight": (torch.randn(cfg.vocab_size, h, generator=g) * 0.02).half(),
-        "lm_head.weight": (torch.randn(cfg.vocab_size, h, generator=g) * h**-0.5).half(),
+        "model.embed_tokens.weight": normal((cfg.vocab_size, h), 0.02),
+        "lm_head.weight": normal((cfg.vocab_size, h), h**-0.5),
         "model.norm.weight": torch.ones(h, dtype=torch.float16),
     }
     for i in range(cfg.num_hidden_layers):
@@ -162,6 +172,9 @@ def random_awq_checkpoint(out: Path, shape: dict, group_size: int = 128, seed: i
     cfg.eos_token_id = tok.eos_token_id
     path = write_checkpoint_dir(out, tensors, hf_config_dict(cfg, QuantConfig(group_size=group_size)))
     tok.save_pretrained(path)
+    del tensors
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the server, a separate process, needs the memory
     return path
 
 
@@ -184,7 +197,7 @@ class Server:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
         cmd = [sys.executable, "-m", "awqkit.server", str(checkpoint), "--host", "127.0.0.1", "--port", str(self.port)]
         self.log_path = log_path
-        self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
+        self._log = open(log_path, "w")  # closed in stop()
         self.proc = subprocess.Popen(cmd + args, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float) -> float:
@@ -389,6 +402,8 @@ async def run_level(
     counts["lost"] = sum(r.outcome == "lost" for r in records)
     received = sum(len(r.itl) + (r.ttft is not None) for r in records)
     completed = [r for r in records if r.outcome in ("ok", "diverged", "mixed")]
+    diverged_at = [common_prefix(r.text, expected[r.prompt]) / max(1, len(expected[r.prompt]))
+                   for r in records if r.outcome == "diverged"]  # fmt: skip
     itl = [x for r in records for x in r.itl]
     errors = sorted({r.error for r in records if r.error})[:5]
     return {
@@ -404,9 +419,72 @@ async def run_level(
         "ttft_ms": pct([r.ttft for r in records if r.ttft is not None]),
         "itl_ms": pct(itl),
         "itl_mean_ms": round(float(np.mean(itl)) * 1000, 2) if itl else None,
+        "diverged_common_prefix_frac_p50": round(float(np.median(diverged_at)), 3) if diverged_at else None,
         "slots_freed_after_s": freed_in,
         "errors": errors,
     }
+
+
+def engine_levels(
+    checkpoint: Path,
+    prompts: list,
+    levels: list[int],
+    requests_per_client: int,
+    max_tokens: int,
+    disconnect_prob: float,
+    max_num_seqs: int,
+    max_model_len: int,
+    device: str | None,
+    seed: int,
+) -> list[dict]:
+    """The same workload driven straight through ``Engine.step`` (no HTTP): what the server adds is the difference.
+
+    Keeps ``concurrency`` requests in flight, replaces each finished one at once, and aborts the same fraction early.
+    """
+    from awqkit.engine import Engine, SamplingParams
+
+    engine = Engine.from_checkpoint(checkpoint, device=device, max_num_seqs=max_num_seqs, max_model_len=max_model_len)
+    ids = [engine.encode(p) for p in prompts]
+    params = SamplingParams(max_new_tokens=max_tokens, temperature=0, ignore_eos=True)
+    rows = []
+    for level, concurrency in enumerate(levels):
+        rng = random.Random(seed + level)
+        todo, started, done, tokens = concurrency * requests_per_client, 0, 0, 0
+        drop_at: dict[str, int] = {}
+        produced: dict[str, int] = {}
+        step_s: list[float] = []
+        t0 = time.perf_counter()
+        while done < todo:
+            while started - done < concurrency and started < todo:
+                rid = f"e{level}-{started}"
+                engine.add_request(rid, ids[rng.randrange(len(ids))], params)
+                if rng.random() < disconnect_prob:
+                    drop_at[rid] = rng.randint(1, max(1, max_tokens - 1))
+                started += 1
+            ts = time.perf_counter()
+            outs = engine.step()
+            step_s.append(time.perf_counter() - ts)
+            for o in outs:
+                tokens += len(o.new_token_ids)
+                produced[o.request_id] = produced.get(o.request_id, 0) + len(o.new_token_ids)
+                if o.finished:
+                    done += 1
+                elif produced[o.request_id] >= drop_at.get(o.request_id, max_tokens + 1):
+                    engine.abort(o.request_id)
+                    done += 1
+        wall = time.perf_counter() - t0
+        rows.append(
+            {
+                "concurrency": concurrency,
+                "requests": todo,
+                "wall_s": round(wall, 2),
+                "generated_tok_s": round(tokens / wall, 1),
+                "step_ms": pct(step_s),
+                "steps": len(step_s),
+            }
+        )
+        print(json.dumps({"engine_only": rows[-1]}), flush=True)
+    return rows
 
 
 async def solo_answers(server: Server, model: str, prompts: list, max_tokens: int) -> list[str]:
@@ -441,7 +519,9 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--time-limit", type=float, default=900.0, help="no new requests after this many seconds")
     ap.add_argument("--startup-timeout", type=float, default=600.0)
+    ap.add_argument("--server-cpu-threads", type=int, default=None, help="the server's --cpu-threads")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--engine-only", action="store_true", help="also drive the engine directly (no HTTP), same load")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     levels = [int(x) for x in args.concurrency.split(",")]
@@ -472,6 +552,8 @@ def main() -> None:
         server_args += ["--device", args.device]
     if args.dtype:
         server_args += ["--dtype", args.dtype]
+    if args.server_cpu_threads:
+        server_args += ["--cpu-threads", str(args.server_cpu_threads)]
     log_path = args.cache / f"server-{label}.log"
     args.cache.mkdir(parents=True, exist_ok=True)
     server = Server(ckpt, server_args, log_path)
@@ -509,6 +591,20 @@ def main() -> None:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    engine_rows = []
+    if args.engine_only:
+        engine_rows = engine_levels(
+            ckpt,
+            prompts,
+            levels,
+            args.requests_per_client,
+            args.max_tokens,
+            args.disconnect_prob,
+            max_num_seqs,
+            args.max_model_len,
+            args.device,
+            args.seed,
+        )
     result = {
         "benchmark": "server_load",
         "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else platform.processor() or "cpu",
@@ -525,11 +621,13 @@ def main() -> None:
             "disconnect_prob": args.disconnect_prob,
             "max_num_seqs": max_num_seqs,
             "max_model_len": args.max_model_len,
+            "server_cpu_threads": args.server_cpu_threads,
             "greedy": True,
             "ignore_eos": True,
             "distinct_expected_outputs": distinct,
         },
         "levels": rows,
+        "engine_only_levels": engine_rows,
         "server_rss_mb_before": round(rss_before, 1),
         "server_rss_mb_after": round(rss_after, 1),
         "server_rss_growth_mb": round(rss_after - rss_before, 1),

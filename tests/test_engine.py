@@ -21,6 +21,16 @@ from awqkit.formats.save import save_checkpoint
 from tests.conftest import random_token_blocks, tiny_model
 
 FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: on a busy 2-core runner, waking a second OpenMP thread for every small op costs more
+    than the op (10x slower end to end, measured). One thread keeps the file fast anywhere."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 GREEDY = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
 
 
@@ -47,13 +57,19 @@ def smollm_engine(smollm_rtn_checkpoint) -> Engine:
 
 def float_reference(path: Path) -> torch.nn.Module:
     """The Transformers model of a checkpoint with each AWQLinear replaced by a Linear of its dequantized weight."""
+    from awqkit.engine.model import dequantize_awq
     from awqkit.nn import AWQLinear
 
     model = load_quantized_model(path)
+    checked = False
     for name, module in list(model.named_modules()):
         if isinstance(module, AWQLinear):
             linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-            linear.weight.data = module.dequantized_weight(torch.float32)
+            # the engine's fast CPU dequantization, checked once against the format's own
+            linear.weight.data = dequantize_awq(module.qweight, module.qzeros, module.scales, module.group_size)
+            if not checked:
+                assert torch.equal(linear.weight.data, module.dequantized_weight(torch.float32))
+                checked = True
             if module.bias is not None:
                 linear.bias.data = module.bias.float()
             parent, _, child = name.rpartition(".")
@@ -309,18 +325,21 @@ def test_stop_string_held_back():
 
 def test_stream_and_stop_strings(smollm_engine):
     prompt = "Once upon a time"
-    params = SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
     full = smollm_engine.generate([prompt], params)[0]
     assert "".join(smollm_engine.stream(prompt, params)) == full.text
     stop = full.text[len(full.text) // 2 :][:3]
     assert stop.strip()
-    cut = smollm_engine.generate([prompt], SamplingParams(max_new_tokens=20, temperature=0, stop=[stop]))[0]
-    assert cut.finish_reason == "stop" and cut.text == full.text[: full.text.index(stop)]
-    assert "".join(smollm_engine.stream(prompt, SamplingParams(max_new_tokens=20, temperature=0, stop=[stop]))) == cut.text
+    with_stop = SamplingParams(max_new_tokens=12, temperature=0, stop=["never appears", stop])
+    deltas = list(smollm_engine.stream(prompt, with_stop))
+    assert "".join(deltas) == full.text[: full.text.index(stop)]
+    cut = smollm_engine.generate([prompt], with_stop)[0]
+    assert cut.finish_reason == "stop" and cut.text == "".join(deltas)
 
 
 def test_chat(smollm_engine):
-    result = smollm_engine.chat([{"role": "user", "content": "Say hi."}], SamplingParams(max_new_tokens=8, temperature=0))
+    params = SamplingParams(max_new_tokens=8, temperature=0)
+    result = smollm_engine.chat([{"role": "user", "content": "Say hi."}], params)
     assert result.completion_tokens >= 1 and result.finish_reason in ("stop", "length")
     assert smollm_engine.model_name == "smollm2-135m-rtn-g64" and smollm_engine.dtype == torch.float32
 
@@ -363,3 +382,70 @@ def test_transformers_4_config_spelling():
     cfg = ModelConfig.from_hf(old)
     assert cfg.rope == {"type": "linear", "factor": 2.0, "rope_theta": 1e6, "rope_type": "linear"}
     assert cfg.head_dim == 16 and cfg.sliding_windows == (None, None)
+
+
+# --- the GPU decode-attention kernel, off the GPU ------------------------------------------------------------------
+
+_KERNEL_CHECK = r'''
+import torch, torch.nn.functional as F
+from awqkit.engine.attention import decode_attention
+torch.manual_seed(0)
+for B, H, Hkv, D, kv_len, window in [(2, 8, 2, 32, 256, None), (3, 28, 4, 64, 512, None), (2, 4, 4, 32, 256, 50)]:
+    cache = torch.randn(B, 2, Hkv, kv_len + 40, D)
+    q = torch.randn(B, H, D)
+    lengths = torch.randint(1, kv_len + 1, (B,))
+    lengths[0] = kv_len + 40  # clamped to kv_len
+    keys, values = cache[:, 0, :, :kv_len], cache[:, 1, :, :kv_len]
+    got = decode_attention(q, keys, values, lengths, window)
+    for b in range(B):
+        n = min(int(lengths[b]), kv_len)
+        lo = max(0, n - window) if window else 0
+        k, v = (t[b, :, lo:n].repeat_interleave(H // Hkv, 0) for t in (keys, values))
+        ref = F.scaled_dot_product_attention(q[b][:, None], k, v)[:, 0]
+        assert torch.allclose(got[b], ref, atol=1e-5), (B, H, kv_len, window, (got[b] - ref).abs().max())
+print("interpreter ok")
+'''
+
+_KERNEL_COMPILE = r'''
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from awqkit.engine import attention as A
+ints = ["stride_qb", "stride_qh", "stride_kb", "stride_kh", "stride_kl", "stride_vb", "stride_vh", "stride_vl",
+        "kv_len", "chunk", "window", "splits"]
+sig = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "len_ptr": "*i64", "out_ptr": "*fp32",
+       "lse_ptr": "*fp32", **{n: "i32" for n in ints}, "scale": "fp32"}
+consts = dict(G=7, G_PAD=16, D=128, BLOCK=64)
+triton.compile(ASTSource(fn=A._partial_kernel, signature={**sig, **{k: "constexpr" for k in consts}},
+                         constexprs=consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+sig = {"part_ptr": "*fp32", "lse_ptr": "*fp32", "o_ptr": "*bf16", "stride_ob": "i32", "stride_oh": "i32",
+       "splits": "i32"}
+consts = dict(S_PAD=8, G=7, G_PAD=16, D=128)
+triton.compile(ASTSource(fn=A._merge_kernel, signature={**sig, **{k: "constexpr" for k in consts}},
+                         constexprs=consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
+print("sm_90 compile ok")
+'''
+
+
+def _run_python(code: str, **env) -> str:
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(root), **env})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_decode_attention_kernel_in_triton_interpreter():
+    """The split-context decode kernel's maths, on CPU through Triton's interpreter, against SDPA."""
+    pytest.importorskip("triton")
+    assert "interpreter ok" in _run_python(_KERNEL_CHECK, TRITON_INTERPRET="1")
+
+
+def test_decode_attention_kernel_compiles_for_hopper():
+    """Compiling for sm_90 needs no GPU and catches what the interpreter does not check (types, layouts)."""
+    pytest.importorskip("triton.backends.nvidia")
+    assert "compile ok" in _run_python(_KERNEL_COMPILE)

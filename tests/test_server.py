@@ -105,7 +105,7 @@ class ServerProcess:
         self.log_path = log_path
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
         cmd = [sys.executable, "-m", "awqkit.server", str(checkpoint), "--port", str(self.port), *args]
-        self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
+        self._log = open(log_path, "w")  # closed in stop()
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
     def log(self) -> str:
@@ -169,7 +169,8 @@ def build_tiny_checkpoint(smollm_rtn_checkpoint: Path, out: Path) -> Path:
 @pytest.fixture(scope="module")
 def servers(smollm_rtn_checkpoint, tmp_path_factory):
     logs = tmp_path_factory.mktemp("server-logs")
-    common = ("--served-model-name", MODEL, "--log-level", "warning")
+    # three servers and the tests share the CPU: one PyTorch thread each (two would wait on each other for cores)
+    common = ("--served-model-name", MODEL, "--log-level", "warning", "--cpu-threads", "1")
     # the embedded default loads slowest: start it first, build the tiny model while it loads
     open_server = ServerProcess(
         smollm_rtn_checkpoint,
@@ -182,22 +183,30 @@ def servers(smollm_rtn_checkpoint, tmp_path_factory):
         "--default-max-tokens",
         "24",
     )
-    strict = None
+    strict = term = None
     try:
         tiny = build_tiny_checkpoint(smollm_rtn_checkpoint, tmp_path_factory.mktemp("tiny"))
         strict = ServerProcess(
             tiny, logs / "strict.log", *common, "--api-key", KEY, "--max-num-seqs", "1", "--max-queue", "1"
         )
+        # the server that test_sigterm_while_streaming_exits_cleanly shuts down, started now to overlap the loads
+        term = ServerProcess(
+            tiny,
+            logs / "term.log",
+            *("--served-model-name", MODEL, "--max-num-seqs", "2", "--shutdown-grace", "2", "--cpu-threads", "1"),
+        )
         strict.wait_ready()
         open_server.wait_ready()
-        yield open_server, strict, tiny
+        yield open_server, strict, term
     finally:
         codes = (open_server.stop(), strict.stop() if strict else 0)
+        if term is not None:
+            term.stop()
     assert codes == (0, 0), f"servers did not exit cleanly: {codes}\n{open_server.log()}\n{strict.log()}"
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(servers) -> Path:
+def term_server(servers) -> ServerProcess:
     return servers[2]
 
 
@@ -611,12 +620,8 @@ def test_queue_full_503_and_disconnects_free_slots(strict):
 # Graceful shutdown
 
 
-def test_sigterm_while_streaming_exits_cleanly(tiny_checkpoint, tmp_path):
-    srv = ServerProcess(
-        tiny_checkpoint,
-        tmp_path / "term.log",
-        *("--served-model-name", MODEL, "--max-num-seqs", "2", "--shutdown-grace", "2", "--log-level", "info"),
-    )
+def test_sigterm_while_streaming_exits_cleanly(term_server):
+    srv = term_server
     try:
         srv.wait_ready()
         results: dict[str, list[str]] = {}
@@ -786,6 +791,15 @@ def test_trailing_comma_tolerance_is_narrow():
     for bad in (b'{"a": 1,, }', b'{"a": }', b"{,}", b'{"a": "\\,"'):
         with pytest.raises(ApiError):
             parse_json_body(bad)
+
+
+def test_command_line_errors_are_one_line():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run(
+        [sys.executable, "-m", "awqkit.server", "--port", "1"], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.startswith("awqkit serve: error: no checkpoint given")
 
 
 def test_guide_code_is_dedented_python():

@@ -37,7 +37,7 @@ class ModelConfig:
     sliding_windows: tuple[int | None, ...] = ()  # per layer: attention window, or None for full attention
 
     @classmethod
-    def from_hf(cls, config: Any) -> "ModelConfig":
+    def from_hf(cls, config: Any) -> ModelConfig:
         """Read a ``transformers.PretrainedConfig`` of one of :data:`FAMILIES`."""
         model_type = getattr(config, "model_type", None)
         if model_type not in FAMILIES:
@@ -80,7 +80,7 @@ def rope_parameters(config: Any) -> dict[str, Any]:
 
 
 def sliding_windows(config: Any, model_type: str, layers: int) -> tuple[int | None, ...]:
-    """Per-layer attention window: Mistral's ``sliding_window`` everywhere; Qwen's only on "sliding_attention" layers."""
+    """Per-layer attention window: Mistral's ``sliding_window`` on every layer, Qwen's on "sliding_attention" ones."""
     window = getattr(config, "sliding_window", None)
     types = getattr(config, "layer_types", None)
     if not window:

@@ -19,9 +19,10 @@ import itertools
 import json
 import random
 from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -133,7 +134,7 @@ class Engine:
         max_num_seqs: int = 8,
         max_model_len: int | None = None,
         **kwargs: Any,
-    ) -> "Engine":
+    ) -> Engine:
         """Load an AWQ (or float) checkpoint directory with its tokenizer.
 
         Args:
@@ -175,7 +176,7 @@ class Engine:
         model_name: str = "model",
         prefill_chunk: int = 512,
         cuda_graphs: bool = True,
-    ) -> "Engine":
+    ) -> Engine:
         """Build from in-memory tensors named as in the checkpoint (what :meth:`from_checkpoint` does after reading).
 
         On CUDA, AWQ layers run the 4-bit kernels of :mod:`awqkit.kernels`. On CPU (or without the kernels) they are

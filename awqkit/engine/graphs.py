@@ -1,9 +1,9 @@
 """The decode step, run eagerly (CPU) or replayed from CUDA graphs (GPU).
 
-A decode step of a 7B model is ~300 kernels whose launch cost from Python (~5 ms) would exceed their run time
-(~2 ms). A CUDA graph records the launches once and replays them with one call. A graph fixes its shapes, so we
-capture one per bucket: batch rows (1, 2, 4, ... max_num_seqs) times attended context (256, 512, ... max_model_len);
-a step uses the smallest bucket that fits, so it never reads more than twice the cache it needs.
+A decode step of a 7B model is ~450 kernels (3.4 ms on an H100 at batch 1); launched one by one from Python they
+would cost more than they run. A CUDA graph records the launches once and replays them with one call. A graph fixes
+its shapes, so we capture one per bucket: batch rows (1, 2, 4, ... max_num_seqs) times attended context (256, 512,
+... max_model_len); a step uses the smallest bucket that fits, so it never reads more than twice the cache it needs.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ class GraphDecoder:
         # static inputs the graphs read; idle rows get token 0 at the scratch position max_model_len
         self.scratch = max_model_len
         self.host = torch.zeros(2, max_num_seqs, dtype=torch.long).pin_memory()
+        self.host_np = self.host.numpy()  # filled from Python lists without building tensors
         self.inputs = torch.zeros(2, max_num_seqs, dtype=torch.long, device=device)
         self.inputs[1].fill_(self.scratch)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
@@ -80,10 +81,10 @@ class GraphDecoder:
         b = smallest_at_least(self.batch_sizes, len(tokens))
         kv_len = smallest_at_least(self.kv_lens, kv_len)
         n = len(tokens)
-        self.host[0, :n] = torch.tensor(tokens)
-        self.host[1, :n] = torch.tensor(positions)
-        self.host[0, n:b] = 0
-        self.host[1, n:b] = self.scratch
+        self.host_np[0, :n] = tokens
+        self.host_np[1, :n] = positions
+        self.host_np[0, n:b] = 0
+        self.host_np[1, n:b] = self.scratch
         # the previous step's copy has finished: the engine reads each step's tokens back before the next
         self.inputs[:, :b].copy_(self.host[:, :b], non_blocking=True)
         self.graphs[b, kv_len].replay()

@@ -5,7 +5,9 @@ new tokens per row with their positions, writes their keys and values into the c
 over the first ``kv_len`` cache positions of each row, masked by position: a key is visible to a query iff
 ``key_pos <= query_pos`` (and within the sliding window, where the model has one). Prefill is ``B = 1, T = chunk``;
 decode is ``B = bucket, T = 1``, where rows of different lengths are just different positions. Shapes depend only on
-``(B, T, kv_len)``, so a decode step can be captured once per bucket and replayed.
+``(B, T, kv_len)``, so a decode step can be captured once per bucket and replayed. Attention is SDPA with a
+position mask, except at decode on a GPU, where :mod:`awqkit.engine.attention`'s split-context kernel takes the
+per-row lengths instead.
 
 Rows that have nothing to decode in a step are fed position ``max_model_len``: the cache has one spare position
 there (a scratch column written by such rows and by nobody's real tokens), and their output is ignored.
@@ -16,21 +18,26 @@ each input is read once and each decode step launches two matmuls fewer per laye
 
 from __future__ import annotations
 
-from typing import Callable
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from awqkit.engine import attention
 from awqkit.engine.config import ModelConfig, rope_tables
 from awqkit.errors import CheckpointError
 from awqkit.formats import gemm
 from awqkit.formats.config import QuantConfig
 from awqkit.nn import AWQLinear, fuse_awq_linears
 
+log = logging.getLogger(__name__)
+
 # --- the pointwise pieces of a layer -----------------------------------------------------------------------------
-# Written once as plain PyTorch. On CUDA each is torch.compile'd into (about) one kernel, which matters at decode:
-# a step is ~10 kernels a layer, and unfused these would be ~30. On CPU they run eagerly (tests, embedded default).
+# Written once as plain PyTorch. On CUDA each is torch.compile'd into one kernel, which matters at decode: a step is
+# ~12 kernels a layer, and unfused these would be ~35. On CPU they run eagerly (tests, embedded default).
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -53,7 +60,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-def rope_qkv(
+def rope_and_cache(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -62,12 +69,17 @@ def rope_qkv(
     q_norm: torch.Tensor | None,
     k_norm: torch.Tensor | None,
     eps: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-head q/k norm (Qwen3), rotary embedding; returns ``q`` and the ``[.., 2, kv_heads, D]`` block to cache."""
+    cache: torch.Tensor,
+    rows: torch.Tensor,
+    positions: torch.Tensor,
+) -> torch.Tensor:
+    """Per-head q/k norm (Qwen3) and rotary embedding of ``q [N, H, D]``, ``k [N, Hkv, D]``; writes ``k, v`` into
+    ``cache [rows, 2, Hkv, positions, D]`` and returns ``q`` (compiled: one kernel, the store included)."""
     if q_norm is not None:
         q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
-    cos, sin = cos.unsqueeze(-2).to(q.dtype), sin.unsqueeze(-2).to(q.dtype)
-    return _rotate(q, cos, sin), torch.stack((_rotate(k, cos, sin), v), dim=-3)
+    cos, sin = cos.unsqueeze(-2).to(q.dtype), sin.unsqueeze(-2).to(q.dtype)  # [N, 1, D]: the same for every head
+    cache[rows, :, :, positions] = torch.stack((_rotate(k, cos, sin), v), dim=-3)
+    return _rotate(q, cos, sin)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -80,12 +92,47 @@ class Ops:
 
     def __init__(self, compile: bool) -> None:
         def wrap(fn: Callable) -> Callable:
-            return torch.compile(fn, dynamic=True, fullgraph=True) if compile else fn
+            if not compile:
+                return fn
+            compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+
+            def call(*args):
+                nonlocal compiled
+                try:
+                    return compiled(*args)
+                except Exception as e:  # a broken compiler install must not stop generation: run eagerly
+                    if compiled is fn:
+                        raise
+                    log.warning("torch.compile failed for %s (%s); running it eagerly", fn.__name__, e)
+                    compiled = fn
+                    return fn(*args)
+
+            return call
 
         self.rms_norm = wrap(rms_norm)
         self.add_rms_norm = wrap(add_rms_norm)
-        self.rope_qkv = wrap(rope_qkv)
+        self.rope_and_cache = wrap(rope_and_cache)
         self.silu_mul = wrap(silu_mul)
+
+    def check(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Compile ``rope_and_cache`` now and compare it with the eager function, the cache write included (the one
+        compiled function that mutates an input); fall back to eager for it if they differ."""
+        if self.rope_and_cache is rope_and_cache:
+            return
+        g = torch.Generator(device=device).manual_seed(0)
+        for n in (1, 3):  # torch.compile specialises size 1: check both kernels
+            q, k, v = (torch.randn(n, h, 32, device=device, dtype=dtype, generator=g) for h in (4, 2, 2))
+            cos, sin = (torch.randn(n, 32, device=device, generator=g) for _ in range(2))
+            norms = (torch.rand(32, device=device, dtype=dtype, generator=g) + 0.5 for _ in range(2))
+            caches = [torch.zeros(6, 2, 2, 16, 32, device=device, dtype=dtype) for _ in range(2)]
+            rows, positions = torch.tensor([4, 1, 5][:n], device=device), torch.tensor([15, 0, 7][:n], device=device)
+            args = (q, k, v, cos, sin, *norms, 1e-6)
+            fns = (self.rope_and_cache, rope_and_cache)
+            outs = [fn(*args, cache, rows, positions) for fn, cache in zip(fns, caches)]
+            if not (torch.allclose(outs[0], outs[1], atol=1e-2) and torch.allclose(*caches, atol=1e-2)):
+                log.warning("compiled rope_and_cache disagrees with eager on %s; running it eagerly", device)
+                self.rope_and_cache = rope_and_cache
+                return
 
 
 # --- modules ----------------------------------------------------------------------------------------------------
@@ -116,47 +163,63 @@ class RMSNorm(nn.Module):
         return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
+@dataclass
+class Step:
+    """What every layer needs about one forward's tokens, computed once. Tokens are flattened: ``N = B * T``."""
+
+    batch: int  # B rows: cache slots slot_start .. slot_start + B
+    length: int  # T new tokens per row
+    slot_start: int
+    num_slots: int  # slots per layer in the cache
+    kv_len: int  # attend over cache positions [0, kv_len)
+    cos: torch.Tensor  # [N, D]
+    sin: torch.Tensor  # [N, D]
+    cache_rows: torch.Tensor  # [layers, N]: row of the flattened cache [layers * slots, ...] each token is written to
+    positions: torch.Tensor  # [N]
+    lengths: torch.Tensor | None  # [B] keys each row sees, for the decode kernel (None: SDPA with masks)
+    masks: dict  # attention window (None: full) → additive mask [B, 1, G * T, kv_len], for SDPA
+
+
 class Attention(nn.Module):
     def __init__(
         self,
         cfg: ModelConfig,
+        layer: int,
         qkv: nn.Module,
         o_proj: nn.Module,
         q_norm: torch.Tensor | None,
         k_norm: torch.Tensor | None,
+        window: int | None,
         ops: Ops,
     ) -> None:
         super().__init__()
-        self.qkv, self.o_proj = qkv, o_proj
+        self.layer, self.qkv, self.o_proj = layer, qkv, o_proj
         self.register_buffer("q_norm", q_norm)
         self.register_buffer("k_norm", k_norm)
-        self.n_heads, self.n_kv, self.head_dim, self.eps = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rms_norm_eps
-        self.ops = ops
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.eps = cfg.rms_norm_eps
+        self.window, self.ops = window, ops
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        kv_cache: torch.Tensor,
-        write_at: tuple[torch.Tensor, torch.Tensor],
-        kv_len: int,
-        mask: torch.Tensor,
-    ) -> torch.Tensor:
-        B, T, _ = x.shape
+    def forward(self, x: torch.Tensor, cache: torch.Tensor, step: Step) -> torch.Tensor:
+        """``x [N, hidden]``; ``cache [layers * slots, 2, Hkv, L, D]``, every layer's rows."""
+        N, B, T = x.shape[0], step.batch, step.length
         H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
         q, k, v = self.qkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
-        q, kv = self.ops.rope_qkv(
-            q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D), cos, sin, self.q_norm, self.k_norm, self.eps
-        )
-        kv_cache.index_put_(write_at, kv)  # kv_cache: [B, L, 2, Hkv, D]
-        keys, values = kv_cache[:, :kv_len, 0].transpose(1, 2), kv_cache[:, :kv_len, 1].transpose(1, 2)
+        q = self.ops.rope_and_cache(
+            q.view(N, H, D), k.view(N, Hkv, D), v.view(N, Hkv, D), step.cos, step.sin, self.q_norm, self.k_norm,
+            self.eps, cache, step.cache_rows[self.layer], step.positions,
+        )  # fmt: skip
+        first = self.layer * step.num_slots + step.slot_start
+        rows = cache[first : first + B]
+        keys, values = rows[:, 0, :, : step.kv_len], rows[:, 1, :, : step.kv_len]
+        if step.lengths is not None:
+            return self.o_proj(attention.decode_attention(q, keys, values, step.lengths, self.window).view(N, H * D))
         # Grouped-query attention without copying the cache: the G = H / Hkv query heads that share a kv head are
         # folded into the query length, so SDPA sees Hkv heads with G * T queries each and reads each key once.
         G = H // Hkv
         q = q.view(B, T, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, D)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        out = out.view(B, Hkv, G, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, H * D)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.masks[self.window])
+        out = out.view(B, Hkv, G, T, D).permute(0, 3, 1, 2, 4).reshape(N, H * D)
         return self.o_proj(out)
 
 
@@ -170,19 +233,23 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, attn: Attention, mlp: MLP, input_norm: RMSNorm, post_norm: RMSNorm, window: int | None):
+    def __init__(self, attn: Attention, mlp: MLP, input_norm: RMSNorm, post_norm: RMSNorm) -> None:
         super().__init__()
-        self.attn, self.mlp, self.input_norm, self.post_norm, self.window = attn, mlp, input_norm, post_norm, window
+        self.attn, self.mlp, self.input_norm, self.post_norm = attn, mlp, input_norm, post_norm
 
-    def forward(self, x, residual, cos, sin, kv_cache, write_at, kv_len, mask):
+    def forward(self, x, residual, cache, step: Step):
         h, residual = self.input_norm(x, residual)
-        x = self.attn(h, cos, sin, kv_cache, write_at, kv_len, mask)
+        x = self.attn(h, cache, step)
         h, residual = self.post_norm(x, residual)
         return self.mlp(h), residual
 
 
 class Transformer(nn.Module):
-    """Embedding, decoder blocks, final norm, lm_head, and the KV cache ``[layers, slots, max_len + 1, 2, Hkv, D]``."""
+    """Embedding, decoder blocks, final norm, lm_head, and the KV cache ``[layers * slots, 2, Hkv, max_len + 1, D]``.
+
+    (Per slot and head, positions are rows of a contiguous matrix, the layout attention reads fastest; layers and slots
+    share one dimension so that one compiled kernel writes any layer's rows.)
+    """
 
     def __init__(
         self,
@@ -204,8 +271,10 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(cfg, max_model_len + 1)
         self.register_buffer("cos", cos.to(device), persistent=False)
         self.register_buffer("sin", sin.to(device), persistent=False)
-        shape = (cfg.num_layers, max_num_seqs, max_model_len + 1, 2, cfg.num_kv_heads, cfg.head_dim)
+        shape = (cfg.num_layers * max_num_seqs, 2, cfg.num_kv_heads, max_model_len + 1, cfg.head_dim)
         self.register_buffer("kv_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.max_num_seqs = max_num_seqs
+        self.decode_kernel = device.type == "cuda" and attention.available() and attention.self_test(device, dtype)
 
     def forward(
         self,
@@ -223,30 +292,40 @@ class Transformer(nn.Module):
                 ``"none"`` → None (a prefill chunk that is not the prompt's last).
         """
         B, T = tokens.shape
-        G = self.cfg.num_heads // self.cfg.num_kv_heads
-        x = F.embedding(tokens, self.embed)
-        cos, sin = self.cos[positions], self.sin[positions]
-        rows = torch.arange(B, device=tokens.device)[:, None].expand(B, T)
-        write_at = (rows, positions)
-        key_pos = torch.arange(kv_len, device=tokens.device)
-        causal = key_pos <= positions[..., None]  # [B, T, kv_len]
-        masks = {}
-        for window in {layer.window for layer in self.layers}:
-            m = causal if window is None else causal & (positions[..., None] - key_pos < window)
-            # additive, in the activation dtype (SDPA would convert a bool mask in every layer), and the same for
-            # the G query heads folded into each kv head (see Attention.forward)
-            m = torch.zeros(m.shape, dtype=x.dtype, device=x.device).masked_fill_(~m, float("-inf"))
-            masks[window] = m[:, None, None].expand(B, 1, G, T, kv_len).reshape(B, 1, G * T, kv_len)
+        step = self._step(positions, slot_start, kv_len)
+        x = F.embedding(tokens.reshape(-1), self.embed)
         residual = None
-        for i, layer in enumerate(self.layers):
-            kv_cache = self.kv_cache[i, slot_start : slot_start + B]
-            x, residual = layer(x, residual, cos, sin, kv_cache, write_at, kv_len, masks[layer.window])
+        for layer in self.layers:
+            x, residual = layer(x, residual, self.kv_cache, step)
         if logits == "none":
             return None
         if logits == "last":
-            x, residual = x[:, -1], residual[:, -1]
+            x, residual = x.view(B, T, -1)[:, -1], residual.view(B, T, -1)[:, -1]
         x, _ = self.norm(x, residual)
-        return F.linear(x, self.lm_head)
+        out = F.linear(x, self.lm_head)
+        return out if logits == "last" else out.view(B, T, -1)
+
+    def _step(self, positions: torch.Tensor, slot_start: int, kv_len: int) -> Step:
+        B, T = positions.shape
+        device = positions.device
+        flat = positions.reshape(-1)
+        local_rows = torch.arange(slot_start, slot_start + B, device=device)[:, None].expand(B, T).reshape(-1)
+        S = self.max_num_seqs
+        layer_base = torch.arange(len(self.layers), device=device)[:, None] * S
+        cache_rows = layer_base + local_rows[None]
+        if T == 1 and self.decode_kernel:
+            return Step(B, T, slot_start, S, kv_len, self.cos[flat], self.sin[flat], cache_rows, flat, flat + 1, {})
+        G = self.cfg.num_heads // self.cfg.num_kv_heads
+        key_pos = torch.arange(kv_len, device=device)
+        causal = key_pos <= positions[..., None]  # [B, T, kv_len]
+        masks = {}
+        for window in {layer.attn.window for layer in self.layers}:
+            m = causal if window is None else causal & (positions[..., None] - key_pos < window)
+            # additive, in the activation dtype (SDPA would convert a bool mask in every layer), and the same for
+            # the G query heads folded into each kv head (see Attention.forward)
+            m = torch.zeros(m.shape, dtype=self.embed.dtype, device=device).masked_fill_(~m, float("-inf"))
+            masks[window] = m[:, None, None].expand(B, 1, G, T, kv_len).reshape(B, 1, G * T, kv_len).contiguous()
+        return Step(B, T, slot_start, S, kv_len, self.cos[flat], self.sin[flat], cache_rows, flat, None, masks)
 
 
 # --- building from checkpoint tensors ----------------------------------------------------------------------------
@@ -303,7 +382,8 @@ def build_linear(
         if layer.bias is not None:  # the kernels add the bias in the activation dtype
             layer.bias = layer.bias.to(dtype)
         return layer.to(device)
-    weight = torch.cat([_float_weight(tensors, n, group_size, dtype).to(device) for n in names])
+    weights = [_float_weight(tensors, n, group_size, dtype).to(device) for n in names]
+    weight = weights[0] if len(weights) == 1 else torch.cat(weights)
     bias = None
     if any(b is not None for b in biases):
         bias = torch.cat([
@@ -317,6 +397,9 @@ def _rows(tensors: dict[str, torch.Tensor], name: str) -> int:
     if f"{name}.qweight" in tensors:
         return tensors[f"{name}.scales"].shape[1]
     return tensors[f"{name}.weight"].shape[0]
+
+
+NORMS = ("input_layernorm", "post_attention_layernorm")
 
 
 def build_model(
@@ -337,6 +420,8 @@ def build_model(
         compile: torch.compile the pointwise pieces (CUDA).
     """
     ops = Ops(compile)
+    if compile:
+        ops.check(device, dtype)
 
     def get(name: str) -> torch.Tensor:
         if name not in tensors:
@@ -353,15 +438,17 @@ def build_model(
         has_qk_norm = f"{attn}.q_norm.weight" in tensors
         attention = Attention(
             cfg,
+            i,
             linear([f"{attn}.q_proj", f"{attn}.k_proj", f"{attn}.v_proj"]),
             linear([f"{attn}.o_proj"]),
             get(f"{attn}.q_norm.weight") if has_qk_norm else None,
             get(f"{attn}.k_norm.weight") if has_qk_norm else None,
+            cfg.sliding_windows[i] if cfg.sliding_windows else None,
             ops,
         )
         mlp = MLP(linear([f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"]), linear([f"{p}.mlp.down_proj"]), ops)
-        norms = [RMSNorm(get(f"{p}.{n}.weight"), cfg.rms_norm_eps, ops) for n in ("input_layernorm", "post_attention_layernorm")]
-        blocks.append(Block(attention, mlp, *norms, cfg.sliding_windows[i] if cfg.sliding_windows else None))
+        norms = [RMSNorm(get(f"{p}.{n}.weight"), cfg.rms_norm_eps, ops) for n in NORMS]
+        blocks.append(Block(attention, mlp, *norms))
     embed = get("model.embed_tokens.weight")
     tied = cfg.tie_word_embeddings or "lm_head.weight" not in tensors
     lm_head = embed if tied else get("lm_head.weight")

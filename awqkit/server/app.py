@@ -269,7 +269,7 @@ def _render_chat(tokenizer: Any, messages: list[P.ChatMessage]) -> list[int]:
     if getattr(tokenizer, "chat_template", None):
         try:
             text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-        except Exception as exc:  # noqa: BLE001 - templates raise on e.g. bad role order
+        except Exception as exc:  # templates raise on e.g. bad role order
             raise P.bad_request(f"The chat template rejected the messages: {exc}", param="messages") from None
     else:  # no template: a plain transcript the model can continue
         text = "".join(f"{m['role']}: {m['content']}\n" for m in conversation) + "assistant:"
@@ -419,7 +419,11 @@ async def _stream(ctx: _Context, sink: RequestSink, scheduler: Scheduler, includ
     done: set[int] = set()
     completion_tokens = 0
 
+    fast = P.ContentChunks(rid, model, created, ctx.chat, include_usage)
+
     def chunk(index: int, text: str | None, finish: str | None) -> str:
+        if finish is None and text is not None:
+            return fast.content(index, text)
         if ctx.chat:
             delta: dict[str, Any] = {} if text is None else {"content": text}
             return P.sse(P.chat_chunk(rid, model, created, index, delta, finish, include_usage))

@@ -352,6 +352,29 @@ def completion_chunk(
     return chunk
 
 
+class ContentChunks:
+    """Serialises the content chunks of one stream fast: the fixed JSON around the text is built once per request.
+
+    ``content(i, text)`` gives the same SSE event as ``sse(chat_chunk(..., i, {"content": text}))`` (or the
+    completion chunk), for a fraction of the cost: at 32 streams of ~300 tokens/s each this runs ~10,000 times a
+    second on the event loop, which shares the interpreter with the engine thread.
+    """
+
+    def __init__(self, request_id: str, model: str, created: int, chat: bool, include_usage: bool) -> None:
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        self._head = (
+            f'data: {{"id":{json.dumps(request_id)},"object":"{obj}","created":{created},'
+            f'"model":{json.dumps(model, ensure_ascii=False)},"choices":[{{"index":'
+        )
+        self._mid = ',"delta":{"content":' if chat else ',"text":'
+        usage = ',"usage":null' if include_usage else ""
+        self._tail = ("}" if chat else "") + f',"logprobs":null,"finish_reason":null}}]{usage}}}\n\n'
+
+    def content(self, index: int, text: str) -> str:
+        """The SSE event carrying ``text`` for choice ``index``."""
+        return f"{self._head}{index}{self._mid}{json.dumps(text, ensure_ascii=False)}{self._tail}"
+
+
 def usage_chunk(request_id: str, model: str, created: int, obj: str, usage: dict[str, int]) -> dict[str, Any]:
     """The last chunk of a stream with ``include_usage``: no choices, the request's usage."""
     return {"id": request_id, "object": obj, "created": created, "model": model, "choices": [], "usage": usage}

@@ -65,6 +65,23 @@ class RequestSink:
             pass
 
 
+def deliver_all(batches: dict[RequestSink, list[SeqEvent]]) -> None:
+    """Deliver one step's events with one wake-up per event loop (not one per request)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestSink, list[SeqEvent]]]] = {}
+    for sink, events in batches.items():
+        by_loop.setdefault(sink.loop, []).append((sink, events))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, items)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+
+def _put_all(items: list[tuple[RequestSink, list[SeqEvent]]]) -> None:
+    for sink, events in items:
+        sink.queue.put_nowait(events)
+
+
 @dataclass(eq=False)
 class Sequence:
     """One sequence to generate: a prompt, its sampling params and where its tokens go."""
@@ -188,7 +205,7 @@ class Scheduler:
     def _free_slots_estimate(self) -> int:
         try:
             return max(0, int(self.engine.max_num_seqs) - len(self._running))
-        except Exception:  # noqa: BLE001 - an engine without the attribute: assume no free slot
+        except Exception:  # an engine without the attribute: assume no free slot
             return 0
 
     def _run(self) -> None:
@@ -231,7 +248,7 @@ class Scheduler:
     def _engine_busy(self) -> bool:
         try:
             return bool(self.engine.has_unfinished())
-        except Exception:  # noqa: BLE001
+        except Exception:
             return False
 
     def _apply_aborts(self, ids: set[str]) -> None:
@@ -314,8 +331,7 @@ class Scheduler:
                 event.completion_tokens = int(out.completion_tokens)
                 self._count_finish(seq, event.finish_reason)
             batches.setdefault(seq.sink, []).append(event)
-        for sink, events in batches.items():
-            sink.deliver(events)
+        deliver_all(batches)
 
     def _observe_tokens(self, seq: Sequence, n_new: int, now: float) -> None:
         seq.completion_tokens += n_new

@@ -1,0 +1,168 @@
+"""Triton W4A16 kernels (issue 6) on the CPU through Triton's interpreter (``TRITON_INTERPRET=1``).
+
+Small shapes (the interpreter runs every program in Python), random data that is never zero, compared with the float
+reference ``x @ gemm.dequantize(...)`` by relative error: every path (GEMV with and without split-K, sub-group
+split-K, tensor-core GEMM in both dequantization forms and both operand orders, dequantize + matmul, the
+dispatcher and ``kernels.awq_linear``), fp16 and bf16, group sizes 32/64/128, odd M, N not a multiple of the block,
+leading batch dims and bias. The GPU-only inline-PTX variant is checked by ``benchmarks/kernels.py`` on the device.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton.jit decorates anything
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from awqkit.formats import gemm as fmt  # noqa: E402
+
+
+def _kernel_modules():
+    """awqkit.kernels with its @triton.jit functions built for the interpreter (re-imported if another test module
+    imported them earlier without TRITON_INTERPRET)."""
+    import awqkit.kernels as kernels
+
+    gemv_mod = sys.modules["awqkit.kernels.gemv"]
+    if type(gemv_mod._gemv_kernel).__name__ != "InterpretedFunction":
+        for name in ("common", "gemv", "gemm", "dequant", "dispatch"):
+            importlib.reload(sys.modules[f"awqkit.kernels.{name}"])
+        kernels = importlib.reload(kernels)
+    return kernels
+
+
+K = _kernel_modules()
+from awqkit.kernels.dispatch import Config, pick_config, run_config  # noqa: E402
+from awqkit.nn import AWQLinear  # noqa: E402
+
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
+
+
+def _awq(k: int, n: int, g: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    intweight = torch.randint(0, 16, (n, k), generator=gen)
+    zeros = torch.randint(0, 16, (n, k // g), generator=gen)
+    scales = torch.rand(n, k // g, generator=gen) * 0.02 + 0.001
+    return fmt.pack_linear(intweight, zeros, scales)
+
+
+def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(y).all()
+    return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def _check(cfg: Config, m: int, k: int, n: int, g: int, dtype: torch.dtype, bias: bool, seed: int = 0) -> None:
+    qw, qz, sc = _awq(k, n, g, seed)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    b = torch.randn(n).half() if bias else None
+    ref = x.double() @ fmt.dequantize(qw, qz, sc, g, torch.float32).double()
+    if b is not None:
+        ref = ref + b.double()
+    y = run_config(cfg, x, qw, qz, sc, g, b)
+    assert y.shape == (m, n) and y.dtype == dtype
+    assert _rel(y, ref) < TOL[dtype], (cfg, m, k, n, g, dtype, _rel(y, ref))
+
+
+# (config, M, K, N): N = 8 * odd, never a multiple of the block
+PATHS = {
+    "gemv": (Config("gemv", block_n=256, num_warps=1, rows=8, split_k=1), 1, 128, 200),
+    "gemv_splitk": (Config("gemv", block_n=256, num_warps=1, rows=8, split_k=2), 3, 128, 72),
+    "gemv_subgroup_splitk": (Config("gemv", block_n=256, num_warps=1, rows=8, split_k=16), 2, 64, 40),
+    # several K rows per load step (lanes and warps split K, one reduction per program); 4 rows of x
+    "gemv_kr_multichunk": (Config("gemv", block_n=256, num_warps=2, rows=2, split_k=2, vec=2), 4, 256, 136),
+    "gemv_kr_vec4": (Config("gemv", block_n=512, num_warps=2, rows=4, split_k=8, vec=4), 1, 128, 264),
+    "gemm_pairs_swap": (Config("gemm", block_m=16, block_n=64, split_k=2), 5, 128, 136),
+    "gemm_pairs_prefetch2": (Config("gemm", block_m=16, block_n=64, split_k=1, prefetch=2), 9, 256, 72),
+    "gemm_one_plus": (Config("gemm", block_m=16, block_n=64, split_k=1, swap=False, dq=1, prefetch=0), 17, 128, 72),
+    "gemm_dq0": (Config("gemm", block_m=16, block_n=64, block_k=32, split_k=2, swap=False, dq=0), 7, 128, 136),
+    "gemm_dq0_swap": (Config("gemm", block_m=16, block_n=64, block_k=64, swap=True, dq=0, prefetch=0), 33, 128, 72),
+    "dequant_matmul": (Config("dequant"), 19, 128, 136),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("path", list(PATHS))
+def test_every_path(path, dtype):
+    cfg, m, k, n = PATHS[path]
+    g = {"gemv": 32, "gemv_splitk": 64, "gemm_one_plus": 64, "gemv_kr_multichunk": 64}.get(
+        path, 32 if "dq0" in path else 128
+    )
+    if k % g:
+        g = 32
+    _check(cfg, m, k, n, g, dtype, bias=path.endswith("swap") or path.startswith("gemv"))
+
+
+@pytest.mark.parametrize("g", [32, 64, 128])
+def test_group_sizes(g):
+    _check(Config("gemv", block_n=256, num_warps=1, rows=8, split_k=2), 1, 256, 40, g, torch.bfloat16, True, g)
+    _check(Config("gemm", block_m=16, block_n=64, split_k=2), 3, 256, 56, g, torch.float16, False, g)
+    _check(Config("gemm", block_m=16, block_n=64, block_k=64, dq=0), 2, 256, 56, g, torch.bfloat16, True, g)
+
+
+def test_split_k_leaves_workspace_zero():
+    """Split-K launches fold partials atomically into a shared buffer and the last program resets it: after any
+    number of launches (different layers and M) the accumulators and counters are all zero again."""
+    from awqkit.kernels import common
+
+    for cfg, m, k, n in (PATHS["gemv_splitk"], PATHS["gemv_kr_vec4"], PATHS["gemm_pairs_swap"]):
+        for seed in (7, 8):  # a second launch on the same buffer must see zeros
+            _check(cfg, m, k, n, 64, torch.float16, True, seed)
+    acc, cnt = common._WORKSPACE[("cpu", None)]
+    assert not acc.any() and not cnt.any()
+
+
+def test_dequantize_matches_format():
+    qw, qz, sc = _awq(128, 72, 32, 3)
+    for dtype in (torch.float16, torch.float32):
+        assert torch.equal(K.dequantize(qw, qz, sc, 32, dtype), fmt.dequantize(qw, qz, sc, 32, dtype))
+    # bf16: one ulp (Triton's CPU interpreter truncates fp32 -> bf16 where the GPU rounds to nearest)
+    w, ref = K.dequantize(qw, qz, sc, 32, torch.bfloat16).float(), fmt.dequantize(qw, qz, sc, 32, torch.float32)
+    assert torch.allclose(w, ref, rtol=2**-7, atol=0)
+
+
+def test_awq_linear_leading_dims_and_bias():
+    """The module entry point: [batch, seq, K] input, bias, output in x's dtype and shape."""
+    qw, qz, sc = _awq(128, 72, 64, 4)
+    bias = torch.randn(72).half()
+    layer = AWQLinear.from_packed(qw, qz, sc, 64, bias)
+    layer._kernel_state = K.prepare(layer)
+    for shape in [(1, 1, 128), (2, 3, 128)]:
+        x = torch.randn(*shape).bfloat16()
+        y = K.awq_linear(x, layer)
+        assert y.shape == (*shape[:-1], 72) and y.dtype == torch.bfloat16
+        ref = layer._reference_forward(x.double()).double()
+        assert _rel(y, ref) < TOL[torch.bfloat16]
+
+
+def test_prepare_keeps_checkpoint_tensors():
+    """No repack: prepare() keeps AutoAWQ's tensors (bit for bit) and state_dict() stays a checkpoint."""
+    qw, qz, sc = _awq(64, 16, 32, 5)
+    layer = AWQLinear.from_packed(qw, qz, sc, 32)
+    state = K.prepare(layer)
+    assert torch.equal(state.qweight, qw) and torch.equal(state.qzeros, qz) and torch.equal(state.scales, sc)
+    sd = layer.state_dict()
+    assert torch.equal(sd["qweight"], qw) and torch.equal(sd["qzeros"], qz) and torch.equal(sd["scales"], sc)
+
+
+def test_dispatch_rules():
+    """Every M bucket maps to a kernel; the shapes are arbitrary (no lookup table) and N may be odd."""
+    kinds = {pick_config(m, 3592, 4096, 128, 132).kernel for m in (1, 2, 4, 8, 16, 32, 64, 128, 4096)}
+    assert kinds == {"gemv", "gemm", "dequant"}
+    cfg = pick_config(1, 1000, 256, 64, 132)
+    assert cfg.kernel == "gemv" and cfg.split_k >= 1
+    # narrow layers get more K slices than wide ones (parallelism from K when N is small)
+    assert pick_config(1, 3584, 3584, 128, 132).split_k > pick_config(1, 37888, 3584, 128, 132).split_k
+
+
+def test_dispatch_end_to_end_small():
+    """awq_matmul picks and runs a kernel for odd M on a small layer."""
+    qw, qz, sc = _awq(128, 40, 32, 6)
+    w = fmt.dequantize(qw, qz, sc, 32, torch.float32).double()
+    for m in (1, 3, 9):
+        x = torch.randn(m, 128).half()
+        assert _rel(K.awq_matmul(x, qw, qz, sc, 32), x.double() @ w) < TOL[torch.float16]
