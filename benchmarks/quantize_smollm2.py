@@ -34,6 +34,9 @@ def main() -> None:
     ap.add_argument("--calib-dtype", default="auto", help="precision layers run in during the search")
     ap.add_argument("--search-tokens", type=int, default=4096)
     ap.add_argument("--tag", default="", help="suffix of the result file name")
+    ap.add_argument("--propagate-float", action="store_true", help="feed each layer float outputs (AutoAWQ's way)")
+    ap.add_argument("--no-duo-scaling", action="store_true")
+    ap.add_argument("--baselines", default="", help="'FLOAT,RTN' perplexities from an earlier run (skips them)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args()
 
@@ -55,16 +58,20 @@ def main() -> None:
         finally:
             model.to("cpu")
 
-    float_ppl = ppl(awq.model)
-    rtn_model = copy.deepcopy(awq.model)
-    quantize_rtn(rtn_model, QuantConfig(group_size=args.group_size))
-    rtn_ppl = ppl(rtn_model)
-    del rtn_model
+    if args.baselines:
+        float_ppl, rtn_ppl = (float(v) for v in args.baselines.split(","))
+    else:
+        float_ppl = ppl(awq.model)
+        rtn_model = copy.deepcopy(awq.model)
+        quantize_rtn(rtn_model, QuantConfig(group_size=args.group_size))
+        rtn_ppl = ppl(rtn_model)
+        del rtn_model
 
     quant_config = {"zero_point": True, "q_group_size": args.group_size, "w_bit": 4, "version": "GEMM"}
     t0 = time.perf_counter()
     awq.quantize(tokenizer, quant_config=quant_config, calib_data=args.calib, max_calib_samples=args.calib_samples,
-                 max_calib_seq_len=args.seq_len, calib_dtype=args.calib_dtype, search_tokens=args.search_tokens)
+                 max_calib_seq_len=args.seq_len, calib_dtype=args.calib_dtype, search_tokens=args.search_tokens,
+                 propagate_quantized=not args.propagate_float, duo_scaling=not args.no_duo_scaling)
     quant_s = time.perf_counter() - t0
     awq_ppl = ppl(awq.model)
     recovered = (rtn_ppl - awq_ppl) / (rtn_ppl - float_ppl)
@@ -75,6 +82,8 @@ def main() -> None:
         "group_size": args.group_size,
         "calib_dtype": args.calib_dtype,
         "search_tokens": args.search_tokens,
+        "propagate_quantized": not args.propagate_float,
+        "duo_scaling": not args.no_duo_scaling,
         "calibration": {"source": args.calib, **awq.report["calibration"]},
         "eval": {"source": args.eval_text, "windows": windows.shape[0], "seq_len": windows.shape[1]},
         "perplexity": {"float": float_ppl, "rtn": rtn_ppl, "awq": awq_ppl},

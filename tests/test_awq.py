@@ -88,8 +88,8 @@ def test_clip_never_hurts_output_error():
     w = torch.randn(48, 128)
     w[:, 5] *= 8  # outliers
     x = torch.randn(256, 128)
-    max_val, shrink = search_clip(w, x, 64, True)
-    clipped = torch.maximum(torch.minimum(w.view(48, 2, 64), max_val[..., None]), -max_val[..., None]).view(48, 128)
+    low, high, shrink = search_clip(w, x, 64, True)
+    clipped = torch.maximum(torch.minimum(w.view(48, 2, 64), high[..., None]), low[..., None]).view(48, 128)
     err = lambda q: (x @ (q - w).T).pow(2).mean()  # noqa: E731
     assert err(fake_quantize(clipped, 64)) <= err(fake_quantize(w, 64)) + 1e-7
     assert 0 <= shrink <= 0.5

@@ -252,9 +252,9 @@ class LayerQuantizer:
                 if any(name.endswith(skip) for skip in self.spec.no_clip):
                     continue
                 w = self._linear(name).weight.data
-                max_val, shrinks[name] = search_clip(w, x, self.opts.group_size, self.opts.zero_point,
-                                                     self.opts.n_grid)
-                apply_clip(w, max_val, self.opts.group_size)
+                low, high, shrinks[name] = search_clip(w, x, self.opts.group_size, self.opts.zero_point,
+                                                       self.opts.n_grid)
+                apply_clip(w, low, high, self.opts.group_size)
         return shrinks
 
     # -- the whole layer -----------------------------------------------------------------------------------------

@@ -97,44 +97,55 @@ def search_clip(
     n_grid: int = N_GRID,
     max_shrink: float = 0.5,
     max_elems: int = 1 << 26,
-) -> tuple[torch.Tensor, float]:
-    """Best clipping threshold per (output channel, group) and the mean shrink chosen.
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Best clipping range per (output channel, group): ``(low, high, mean shrink)``.
 
-    The output error of each group is computed as a batched matmul over groups (``[groups, tokens, out]``), which
-    is far faster on a CPU than AutoAWQ's broadcast-and-sum, and is chunked over output channels to bound memory.
+    With a zero point the range ``[r·min, r·max]`` shrinks towards zero from both sides; AutoAWQ clips to the
+    symmetric ``[-r·absmax, r·absmax]`` even then, which leaves the smaller side of a lopsided group untouched.
+    Without a zero point the range is symmetric, as the quantizer's is.
+
+    The output error of each group is computed as a batched matmul over groups (``[groups, tokens, out]``), far
+    faster on a CPU than AutoAWQ's broadcast-and-sum, and chunked over output channels to bound memory.
     """
     n_out, k = weight.shape
     n_groups = k // group_size
     w = weight.float()
     xg = x.float().reshape(-1, n_groups, group_size).transpose(0, 1)  # [groups, T, G]
     chunk = max(1, min(n_out, max_elems // max(1, n_groups * xg.shape[1])))
-    best_max = torch.empty(n_out, n_groups, device=w.device)
+    best_lo = torch.empty(n_out, n_groups, device=w.device)
+    best_hi = torch.empty(n_out, n_groups, device=w.device)
     for start in range(0, n_out, chunk):
         wc = w[start : start + chunk].reshape(-1, n_groups, group_size)  # [n, groups, G]
-        wg = wc.transpose(0, 1)  # [groups, n, G]
-        ref = torch.bmm(xg, wg.transpose(1, 2))  # [groups, T, n]
-        org_max = wc.abs().amax(dim=-1)  # [n, groups]
-        best_err = torch.full_like(org_max, float("inf"))
-        chosen = org_max.clone()
+        ref = torch.bmm(xg, wc.transpose(0, 1).transpose(1, 2))  # [groups, T, n]
+        if zero_point:
+            hi0, lo0 = wc.amax(dim=-1).clamp(min=0), wc.amin(dim=-1).clamp(max=0)
+        else:
+            hi0 = wc.abs().amax(dim=-1)
+            lo0 = -hi0
+        best_err = torch.full_like(hi0, float("inf"))
+        lo_best, hi_best = lo0.clone(), hi0.clone()
         for i in range(int(max_shrink * n_grid)):
-            max_val = org_max * (1 - i / n_grid)
-            clipped = torch.maximum(torch.minimum(wc, max_val.unsqueeze(-1)), -max_val.unsqueeze(-1))
+            r = 1 - i / n_grid
+            lo, hi = lo0 * r, hi0 * r
+            clipped = torch.maximum(torch.minimum(wc, hi.unsqueeze(-1)), lo.unsqueeze(-1))
             q = fake_quantize(clipped.reshape(-1, k), group_size, zero_point).reshape(-1, n_groups, group_size)
             out = torch.bmm(xg, q.transpose(0, 1).transpose(1, 2))
             err = (out - ref).pow(2).mean(dim=1).transpose(0, 1)  # [n, groups]
             better = err < best_err
             best_err = torch.where(better, err, best_err)
-            chosen = torch.where(better, max_val, chosen)
-        best_max[start : start + chunk] = chosen
+            lo_best = torch.where(better, lo, lo_best)
+            hi_best = torch.where(better, hi, hi_best)
+        best_lo[start : start + chunk] = lo_best
+        best_hi[start : start + chunk] = hi_best
         del ref
-    shrink = 1 - (best_max / w.reshape(n_out, n_groups, group_size).abs().amax(-1).clamp(min=1e-12)).mean().item()
-    return best_max, shrink
+    span = (w.reshape(n_out, n_groups, group_size).amax(-1) - w.reshape(n_out, n_groups, group_size).amin(-1))
+    shrink = 1 - ((best_hi - best_lo) / span.clamp(min=1e-12)).clamp(max=1).mean().item()
+    return best_lo, best_hi, shrink
 
 
 @torch.no_grad()
-def apply_clip(weight: torch.Tensor, max_val: torch.Tensor, group_size: int) -> None:
-    """Clamp each group of ``weight`` (in place) to ``[-max, max]``."""
+def apply_clip(weight: torch.Tensor, low: torch.Tensor, high: torch.Tensor, group_size: int) -> None:
+    """Clamp each group of ``weight`` (in place) to ``[low, high]``."""
     n_out, k = weight.shape
     g = weight.view(n_out, k // group_size, group_size)
-    m = max_val.to(weight).unsqueeze(-1)
-    g.copy_(torch.maximum(torch.minimum(g, m), -m))
+    g.copy_(torch.maximum(torch.minimum(g, high.to(weight).unsqueeze(-1)), low.to(weight).unsqueeze(-1)))
