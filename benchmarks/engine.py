@@ -33,10 +33,26 @@ from awqkit import QuantConfig, quantize_rtn  # noqa: E402
 from awqkit.engine import Engine, SamplingParams  # noqa: E402
 from awqkit.formats.save import save_checkpoint  # noqa: E402
 
-QWEN2_7B = dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-                intermediate_size=18944, vocab_size=152064, max_position_embeddings=32768, rope_theta=1e6)
-SMALL = dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
-             intermediate_size=512, vocab_size=1024, max_position_embeddings=4096, rope_theta=1e6)
+QWEN2_7B = dict(
+    hidden_size=3584,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    intermediate_size=18944,
+    vocab_size=152064,
+    max_position_embeddings=32768,
+    rope_theta=1e6,
+)
+SMALL = dict(
+    hidden_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    intermediate_size=512,
+    vocab_size=1024,
+    max_position_embeddings=4096,
+    rope_theta=1e6,
+)
 
 
 def qwen2_config(shape: dict):
@@ -121,9 +137,11 @@ def engine_rows(name: str, engine: Engine, batches: list[int], prompt: int, new:
         prompts = prompts_for(b, prompt, engine.model.cfg.vocab_size, seed=b)
         run_engine(engine, prompts, 8)  # warm-up: prefill shapes, allocator
         row = {"engine": name, **run_engine(engine, prompts, new)}
-        print(f"  {name:12s} batch {b:3d}: decode {row['decode_tok_s']:8.1f} tok/s  prefill "
-              f"{row['prefill_tok_s']:8.0f} tok/s  ttft {row['ttft_ms']:7.1f} ms  peak {row['peak_gpu_gb']:.2f} GB",
-              flush=True)
+        print(
+            f"  {name:12s} batch {b:3d}: decode {row['decode_tok_s']:8.1f} tok/s  prefill "
+            f"{row['prefill_tok_s']:8.0f} tok/s  ttft {row['ttft_ms']:7.1f} ms  peak {row['peak_gpu_gb']:.2f} GB",
+            flush=True,
+        )
         rows.append(row)
     return rows
 
@@ -152,12 +170,23 @@ def hf_rows(model, batches: list[int], prompt: int, new: int, budget_s: float) -
         sync(device)
         full = time.perf_counter() - t
         assert out.shape[1] == prompt + new
-        row = {"engine": "hf-bf16", "batch": b, "prompt_tokens": prompt, "new_tokens": new,
-               "decode_tok_s": b * (new - 1) / (full - ttft), "prefill_tok_s": b * prompt / ttft,
-               "ttft_ms": 1000 * ttft, "peak_gpu_gb": peak_gb(device), "warmup_compile_s": warm}
-        print(f"  hf-bf16      batch {b:3d}: decode {row['decode_tok_s']:8.1f} tok/s  prefill "
-              f"{row['prefill_tok_s']:8.0f} tok/s  ttft {row['ttft_ms']:7.1f} ms  peak {row['peak_gpu_gb']:.2f} GB"
-              f"  (first call {warm:.0f} s)", flush=True)
+        row = {
+            "engine": "hf-bf16",
+            "batch": b,
+            "prompt_tokens": prompt,
+            "new_tokens": new,
+            "decode_tok_s": b * (new - 1) / (full - ttft),
+            "prefill_tok_s": b * prompt / ttft,
+            "ttft_ms": 1000 * ttft,
+            "peak_gpu_gb": peak_gb(device),
+            "warmup_compile_s": warm,
+        }
+        print(
+            f"  hf-bf16      batch {b:3d}: decode {row['decode_tok_s']:8.1f} tok/s  prefill "
+            f"{row['prefill_tok_s']:8.0f} tok/s  ttft {row['ttft_ms']:7.1f} ms  peak {row['peak_gpu_gb']:.2f} GB"
+            f"  (first call {warm:.0f} s)",
+            flush=True,
+        )
         rows.append(row)
     return rows
 
@@ -166,8 +195,13 @@ def long_context(engine: Engine, context: int, new: int = 32) -> dict:
     """Peak memory and speed with a prompt that fills the context."""
     prompt = prompts_for(1, context - new, engine.model.cfg.vocab_size, seed=7)
     row = run_engine(engine, prompt, new)
-    return {"context": context, "peak_gpu_gb": row["peak_gpu_gb"], "decode_tok_s": row["decode_tok_s"],
-            "prefill_tok_s": row["prefill_tok_s"], "ttft_ms": row["ttft_ms"]}
+    return {
+        "context": context,
+        "peak_gpu_gb": row["peak_gpu_gb"],
+        "decode_tok_s": row["decode_tok_s"],
+        "prefill_tok_s": row["prefill_tok_s"],
+        "ttft_ms": row["ttft_ms"],
+    }
 
 
 def profile_decode(engine: Engine, steps: int = 32) -> list[dict]:
@@ -189,8 +223,9 @@ def profile_decode(engine: Engine, steps: int = 32) -> list[dict]:
             t = totals.setdefault(e.name, [0.0, 0])
             t[0] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
             t[1] += 1
-    rows = [{"kernel": k[:90], "us_per_token": v[0] / steps, "launches_per_token": v[1] / steps}
-            for k, v in totals.items()]
+    rows = [
+        {"kernel": k[:90], "us_per_token": v[0] / steps, "launches_per_token": v[1] / steps} for k, v in totals.items()
+    ]
     return sorted(rows, key=lambda r: -r["us_per_token"])
 
 
@@ -205,9 +240,18 @@ def check_correctness(device: torch.device, dtype: torch.dtype, workdir: Path) -
 
     out = {}
     for family in ("qwen2", "qwen3"):
-        cfg = AutoConfig.for_model(family, vocab_size=4096, hidden_size=1024, intermediate_size=2816,
-                                   num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=4, head_dim=64,
-                                   max_position_embeddings=2048, tie_word_embeddings=family == "qwen3")
+        cfg = AutoConfig.for_model(
+            family,
+            vocab_size=4096,
+            hidden_size=1024,
+            intermediate_size=2816,
+            num_hidden_layers=4,
+            num_attention_heads=16,
+            num_key_value_heads=4,
+            head_dim=64,
+            max_position_embeddings=2048,
+            tie_word_embeddings=family == "qwen3",
+        )
         model = random_model(cfg, str(device), torch.float32)
         ref_float = {k: v.to(dtype) for k, v in model.state_dict().items()}
         quant = quantize_rtn(model, QuantConfig(group_size=128))
@@ -217,8 +261,9 @@ def check_correctness(device: torch.device, dtype: torch.dtype, workdir: Path) -
         prompts[1] = prompts[1][:17]
         params = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
         graphs = Engine.from_checkpoint(path, device=device, dtype=dtype, max_num_seqs=4, max_model_len=512)
-        eager = Engine.from_checkpoint(path, device=device, dtype=dtype, max_num_seqs=4, max_model_len=512,
-                                       cuda_graphs=False)
+        eager = Engine.from_checkpoint(
+            path, device=device, dtype=dtype, max_num_seqs=4, max_model_len=512, cuda_graphs=False
+        )
         got_graph = [r.token_ids for r in graphs.generate(prompts, params)]
         got_eager = [r.token_ids for r in eager.generate(prompts, params)]
         alone = [graphs.generate([p], params)[0].token_ids for p in prompts]
@@ -227,8 +272,9 @@ def check_correctness(device: torch.device, dtype: torch.dtype, workdir: Path) -
         with torch.inference_mode():
             ref_logits = reference(ids).logits[0].float()
             eng_logits = graphs.model(ids, torch.arange(40, device=device)[None], 0, 40, logits="all")[0].float()
-            ref_tokens = reference.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None,
-                                            pad_token_id=0)[0, 40:].tolist()
+            ref_tokens = reference.generate(ids, max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)[
+                0, 40:
+            ].tolist()
         rel = rel_err(eng_logits, ref_logits)
         agree = next((i for i, (a, b) in enumerate(zip(got_graph[0], ref_tokens)) if a != b), len(ref_tokens))
         out[family] = {
@@ -238,8 +284,9 @@ def check_correctness(device: torch.device, dtype: torch.dtype, workdir: Path) -
             "greedy_tokens_agreeing_with_transformers": f"{agree}/{len(ref_tokens)}",
         }
         # the float path: the engine and Transformers in bf16 on the same weights, each against Transformers in fp32
-        float_engine = Engine.from_tensors(cfg, None, ref_float, device=device, dtype=dtype, max_num_seqs=2,
-                                           max_model_len=256)
+        float_engine = Engine.from_tensors(
+            cfg, None, ref_float, device=device, dtype=dtype, max_num_seqs=2, max_model_len=256
+        )
         hf_float = random_model(cfg, str(device), dtype)
         hf_float.load_state_dict(ref_float)
         with torch.inference_mode():
@@ -267,8 +314,12 @@ def check_decode_attention(device: torch.device, dtype: torch.dtype) -> dict:
     from awqkit.engine.attention import decode_attention
 
     errs = {}
-    for B, H, Hkv, D, kv_len, window in [(1, 28, 4, 128, 512, None), (8, 28, 4, 128, 4096, None),
-                                         (32, 32, 8, 128, 512, None), (4, 16, 4, 64, 1024, 300)]:
+    for B, H, Hkv, D, kv_len, window in [
+        (1, 28, 4, 128, 512, None),
+        (8, 28, 4, 128, 4096, None),
+        (32, 32, 8, 128, 512, None),
+        (4, 16, 4, 64, 1024, 300),
+    ]:
         cache = torch.randn(B, 2, Hkv, kv_len + 64, D, device=device, dtype=dtype)
         q = torch.randn(B, H, D, device=device, dtype=dtype)
         lengths = torch.randint(1, kv_len + 1, (B,), device=device)
@@ -296,8 +347,12 @@ def memory_diagnostics(engine: Engine) -> dict:
     out = {"allocated_gb": torch.cuda.memory_allocated() / 1e9, "reserved_gb": torch.cuda.memory_reserved() / 1e9}
     tokens = torch.randint(100, 1000, (1, 512), device=device)
     positions = torch.arange(L - 512, L, device=device)[None]
-    backends = {"default": None, "efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-                "math": SDPBackend.MATH}
+    backends = {
+        "default": None,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "math": SDPBackend.MATH,
+    }
     with torch.inference_mode():
         for name, backend in backends.items():
             base = torch.cuda.memory_allocated()
@@ -377,8 +432,11 @@ def main() -> None:
     del model
     gc.collect()
     torch.cuda.empty_cache() if device.type == "cuda" else None
-    print(f"built, quantized and saved the int4 checkpoint in {time.perf_counter() - t:.0f} s; "
-          f"{torch.cuda.memory_allocated() / 1e9 if device.type == 'cuda' else 0:.2f} GB still allocated", flush=True)
+    print(
+        f"built, quantized and saved the int4 checkpoint in {time.perf_counter() - t:.0f} s; "
+        f"{torch.cuda.memory_allocated() / 1e9 if device.type == 'cuda' else 0:.2f} GB still allocated",
+        flush=True,
+    )
 
     # int4: start-up and the long-context memory row (one slot), then the batch rows
     t = time.perf_counter()
@@ -386,8 +444,11 @@ def main() -> None:
     sync(device)
     startup_long = time.perf_counter() - t
     if device.type == "cuda":
-        print(f"int4 engine, 1 slot x {args.context}: {torch.cuda.memory_allocated() / 1e9:.2f} GB allocated after "
-              f"start-up ({startup_long:.1f} s)", flush=True)
+        print(
+            f"int4 engine, 1 slot x {args.context}: {torch.cuda.memory_allocated() / 1e9:.2f} GB allocated after "
+            f"start-up ({startup_long:.1f} s)",
+            flush=True,
+        )
     result["context_4096"] = {"engine": "awqkit-int4", "startup_s": startup_long, **long_context(engine, args.context)}
     print(f"int4, {args.context} context: {result['context_4096']}", flush=True)
     if device.type == "cuda":
@@ -399,8 +460,9 @@ def main() -> None:
 
     max_len = max(512, args.prompt + args.new)
     t = time.perf_counter()
-    engine = Engine.from_checkpoint(ckpt, device=device, dtype=dtype, max_num_seqs=max(args.batches),
-                                    max_model_len=max_len)
+    engine = Engine.from_checkpoint(
+        ckpt, device=device, dtype=dtype, max_num_seqs=max(args.batches), max_model_len=max_len
+    )
     sync(device)
     result["startup_s"] = {"awqkit-int4": time.perf_counter() - t}
     result["decode_attention_kernel"] = bool(getattr(engine.model, "decode_kernel", False))
@@ -417,8 +479,16 @@ def main() -> None:
     gc.collect()
 
     t = time.perf_counter()
-    engine = Engine.from_tensors(config, None, float_cpu, device=device, dtype=dtype, max_num_seqs=max(args.batches),
-                                 max_model_len=max_len, model_name="bf16")
+    engine = Engine.from_tensors(
+        config,
+        None,
+        float_cpu,
+        device=device,
+        dtype=dtype,
+        max_num_seqs=max(args.batches),
+        max_model_len=max_len,
+        model_name="bf16",
+    )
     sync(device)
     result["startup_s"]["awqkit-bf16"] = time.perf_counter() - t
     result["rows"] += engine_rows("awqkit-bf16", engine, args.batches, args.prompt, args.new)
@@ -448,8 +518,10 @@ def print_table(result: dict) -> None:
     print("| engine | batch | decode tok/s | prefill tok/s | TTFT ms | peak GPU GB |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for r in result["rows"]:
-        print(f"| {r['engine']} | {r['batch']} | {r['decode_tok_s']:.1f} | {r['prefill_tok_s']:.0f} | "
-              f"{r['ttft_ms']:.1f} | {r['peak_gpu_gb']:.2f} |")
+        print(
+            f"| {r['engine']} | {r['batch']} | {r['decode_tok_s']:.1f} | {r['prefill_tok_s']:.0f} | "
+            f"{r['ttft_ms']:.1f} | {r['peak_gpu_gb']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

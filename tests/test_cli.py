@@ -23,13 +23,19 @@ EVAL_ARGS = ["--max-windows", "2", "--seq-len", "128"]
 
 
 def awqkit(*args: object, input: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "awqkit", *map(str, args)], capture_output=True, text=True,
-                          input=input, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "awqkit", *map(str, args)], capture_output=True, text=True, input=input, timeout=timeout
+    )
 
 
 def start(*args: object, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "awqkit", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "awqkit", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 def one_error_line(result: subprocess.CompletedProcess) -> str:
@@ -76,8 +82,14 @@ def test_quantize_writes_checkpoint_tokenizer_and_summary(quantized):
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= names
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert qcfg == {"quant_method": "awq", "zero_point": True, "group_size": 128, "bits": 4, "version": "gemm",
-                    "modules_to_not_convert": None}
+    assert qcfg == {
+        "quant_method": "awq",
+        "zero_point": True,
+        "group_size": 128,
+        "bits": 4,
+        "version": "gemm",
+        "modules_to_not_convert": None,
+    }
     assert not out.with_name(out.name + ".awqkit-progress").exists()  # removed after a successful save
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporaries left
     assert "peak memory" in result.stdout and "round-to-nearest → AWQ" in result.stdout
@@ -197,8 +209,9 @@ def test_generate_streams_and_is_reproducible(quantized):
 
 def test_chat_keeps_history_until_exit(quantized):
     out, _, _ = quantized
-    result = awqkit("chat", out, "--max-new-tokens", "6", "--seed", "1",
-                    input="hello\nand a second question\n/exit\nnever read\n")
+    result = awqkit(
+        "chat", out, "--max-new-tokens", "6", "--seed", "1", input="hello\nand a second question\n/exit\nnever read\n"
+    )
     assert result.returncode == 0, result.stderr
     assert len([line for line in result.stdout.splitlines() if line.strip()]) >= 1  # streamed replies, then /exit
 
@@ -235,8 +248,14 @@ def test_errors_are_one_line_and_debug_shows_traceback(model_dir, tmp_path):
 
 
 def test_group_size_mismatch(tmp_path):
-    odd = make_model_dir(tmp_path / "hidden96", hidden_size=96, intermediate_size=192, num_attention_heads=3,
-                         num_key_value_heads=1, head_dim=32)
+    odd = make_model_dir(
+        tmp_path / "hidden96",
+        hidden_size=96,
+        intermediate_size=192,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        head_dim=32,
+    )
     line = one_error_line(awqkit("quantize", odd, "-o", tmp_path / "out", "--group-size", "128", *QUANT_ARGS))
     assert "group size 128 does not divide in_features 96" in line and "32" in line and "--group-size" in line
     assert not (tmp_path / "out").exists()

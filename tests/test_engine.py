@@ -31,6 +31,8 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
 GREEDY = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
 
 
@@ -57,19 +59,13 @@ def smollm_engine(smollm_rtn_checkpoint) -> Engine:
 
 def float_reference(path: Path) -> torch.nn.Module:
     """The Transformers model of a checkpoint with each AWQLinear replaced by a Linear of its dequantized weight."""
-    from awqkit.engine.model import dequantize_awq
     from awqkit.nn import AWQLinear
 
     model = load_quantized_model(path)
-    checked = False
     for name, module in list(model.named_modules()):
         if isinstance(module, AWQLinear):
             linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-            # the engine's fast CPU dequantization, checked once against the format's own
-            linear.weight.data = dequantize_awq(module.qweight, module.qzeros, module.scales, module.group_size)
-            if not checked:
-                assert torch.equal(linear.weight.data, module.dequantized_weight(torch.float32))
-                checked = True
+            linear.weight.data = module.dequantized_weight()
             if module.bias is not None:
                 linear.bias.data = module.bias.float()
             parent, _, child = name.rpartition(".")
@@ -79,9 +75,10 @@ def float_reference(path: Path) -> torch.nn.Module:
 
 def hf_greedy(model: torch.nn.Module, prompt: list[int], n: int) -> list[int]:
     with torch.inference_mode():
-        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None,
-                             pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+        out = model.generate(
+            torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+    return out[0, len(prompt) :].tolist()
 
 
 def record_logits(engine: Engine, monkeypatch) -> dict[str, list[torch.Tensor]]:
@@ -216,19 +213,24 @@ def test_seed_reproducible_and_batch_independent(llama_engine):
     params = SamplingParams(max_new_tokens=16, temperature=1.0, seed=1234, ignore_eos=True)
     first = llama_engine.generate([prompt], params)[0].token_ids
     assert llama_engine.generate([prompt], params)[0].token_ids == first
-    assert llama_engine.generate([other, prompt], [SamplingParams(temperature=0.7, max_new_tokens=16), params])[
-        1
-    ].token_ids == first
-    others = {tuple(llama_engine.generate([prompt], SamplingParams(max_new_tokens=16, seed=s))[0].token_ids)
-              for s in range(4)}
+    assert (
+        llama_engine.generate([other, prompt], [SamplingParams(temperature=0.7, max_new_tokens=16), params])[
+            1
+        ].token_ids
+        == first
+    )
+    others = {
+        tuple(llama_engine.generate([prompt], SamplingParams(max_new_tokens=16, seed=s))[0].token_ids) for s in range(4)
+    }
     assert len(others) > 1
 
 
 def test_top_k_1_is_greedy(llama_engine):
     prompt = random_token_blocks(1, 8, seed=7)[0]
     greedy = llama_engine.generate([prompt], GREEDY)[0].token_ids
-    top1 = llama_engine.generate([prompt], SamplingParams(max_new_tokens=24, temperature=1.5, top_k=1, seed=3,
-                                                          ignore_eos=True))[0].token_ids
+    top1 = llama_engine.generate(
+        [prompt], SamplingParams(max_new_tokens=24, temperature=1.5, top_k=1, seed=3, ignore_eos=True)
+    )[0].token_ids
     assert top1 == greedy
 
 
@@ -269,8 +271,9 @@ def test_penalties_in_generation(llama_engine):
     """Greedy with a strong frequency penalty repeats fewer tokens than plain greedy."""
     prompt = random_token_blocks(1, 6, seed=8)[0]
     plain = llama_engine.generate([prompt], SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True))[0]
-    params = SamplingParams(max_new_tokens=40, temperature=0, frequency_penalty=2.0, presence_penalty=2.0,
-                            ignore_eos=True)
+    params = SamplingParams(
+        max_new_tokens=40, temperature=0, frequency_penalty=2.0, presence_penalty=2.0, ignore_eos=True
+    )
     penalized = llama_engine.generate([prompt], params)[0]
     assert len(set(penalized.token_ids)) > len(set(plain.token_ids))
 
@@ -278,9 +281,20 @@ def test_penalties_in_generation(llama_engine):
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"temperature": -0.1}, {"temperature": float("nan")}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -1},
-        {"max_new_tokens": 0}, {"max_new_tokens": 2.5}, {"repetition_penalty": 0.0}, {"presence_penalty": 3.0},
-        {"frequency_penalty": -2.5}, {"seed": -1}, {"stop": [""]}, {"stop": [3]}, {"stop_token_ids": [-1]},
+        {"temperature": -0.1},
+        {"temperature": float("nan")},
+        {"top_p": 0.0},
+        {"top_p": 1.5},
+        {"top_k": -1},
+        {"max_new_tokens": 0},
+        {"max_new_tokens": 2.5},
+        {"repetition_penalty": 0.0},
+        {"presence_penalty": 3.0},
+        {"frequency_penalty": -2.5},
+        {"seed": -1},
+        {"stop": [""]},
+        {"stop": [3]},
+        {"stop_token_ids": [-1]},
         {"ignore_eos": "yes"},
     ],
 )
@@ -352,8 +366,13 @@ def test_chat(smollm_engine):
     [
         {"rope_type": "linear", "factor": 2.0},
         {"rope_type": "dynamic", "factor": 2.0},
-        {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-         "original_max_position_embeddings": 128},
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 128,
+        },
         {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128},
     ],
 )
@@ -375,10 +394,22 @@ def test_rope_scaling_matches_transformers(rope):
 def test_transformers_4_config_spelling():
     from types import SimpleNamespace
 
-    old = SimpleNamespace(model_type="qwen2", vocab_size=100, hidden_size=64, intermediate_size=128,
-                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
-                          max_position_embeddings=256, rope_theta=1e6, rope_scaling={"type": "linear", "factor": 2.0},
-                          sliding_window=4096, use_sliding_window=False, tie_word_embeddings=True)
+    old = SimpleNamespace(
+        model_type="qwen2",
+        vocab_size=100,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=256,
+        rope_theta=1e6,
+        rope_scaling={"type": "linear", "factor": 2.0},
+        sliding_window=4096,
+        use_sliding_window=False,
+        tie_word_embeddings=True,
+    )
     cfg = ModelConfig.from_hf(old)
     assert cfg.rope == {"type": "linear", "factor": 2.0, "rope_theta": 1e6, "rope_type": "linear"}
     assert cfg.head_dim == 16 and cfg.sliding_windows == (None, None)
@@ -386,7 +417,7 @@ def test_transformers_4_config_spelling():
 
 # --- the GPU decode-attention kernel, off the GPU ------------------------------------------------------------------
 
-_KERNEL_CHECK = r'''
+_KERNEL_CHECK = r"""
 import torch, torch.nn.functional as F
 from awqkit.engine.attention import decode_attention
 torch.manual_seed(0)
@@ -404,9 +435,9 @@ for B, H, Hkv, D, kv_len, window in [(2, 8, 2, 32, 256, None), (3, 28, 4, 64, 51
         ref = F.scaled_dot_product_attention(q[b][:, None], k, v)[:, 0]
         assert torch.allclose(got[b], ref, atol=1e-5), (B, H, kv_len, window, (got[b] - ref).abs().max())
 print("interpreter ok")
-'''
+"""
 
-_KERNEL_COMPILE = r'''
+_KERNEL_COMPILE = r"""
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -424,7 +455,7 @@ consts = dict(S_PAD=8, G=7, G_PAD=16, D=128)
 triton.compile(ASTSource(fn=A._merge_kernel, signature={**sig, **{k: "constexpr" for k in consts}},
                          constexprs=consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
 print("sm_90 compile ok")
-'''
+"""
 
 
 def _run_python(code: str, **env) -> str:
@@ -433,8 +464,14 @@ def _run_python(code: str, **env) -> str:
     import sys
 
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(root), **env})
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(root), **env},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 

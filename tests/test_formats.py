@@ -54,12 +54,13 @@ def test_pack_rejects_out_of_range_values():
 def test_fixture_dequantizes_bit_identically():
     tensors = load_file(str(FIXTURE / "model.safetensors"))
     ref = load_file(str(REFERENCE))
-    names = [k[len("dequant."):-len(".weight")] for k in ref if k.startswith("dequant.")]
+    names = [k[len("dequant.") : -len(".weight")] for k in ref if k.startswith("dequant.")]
     assert len(names) == 14
     model = load_quantized_model(FIXTURE)
     for name in names:
-        w = gemm.dequantize(tensors[f"{name}.qweight"], tensors[f"{name}.qzeros"], tensors[f"{name}.scales"], 64,
-                            torch.float32).t()
+        w = gemm.dequantize(
+            tensors[f"{name}.qweight"], tensors[f"{name}.qzeros"], tensors[f"{name}.scales"], 64, torch.float32
+        ).t()
         assert torch.equal(w.half(), ref[f"dequant.{name}.weight"].half()), name
         layer = model.get_submodule(name)
         assert isinstance(layer, AWQLinear)
@@ -81,8 +82,14 @@ def test_saved_checkpoint_reads_back_exactly(tmp_path):
     quant = quantize_rtn(model, QuantConfig(group_size=32))
     out = save_checkpoint(model, tmp_path / "ckpt", quant)
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["quantization_config"] == {"quant_method": "awq", "zero_point": True, "group_size": 32, "bits": 4,
-                                          "version": "gemm", "modules_to_not_convert": None}
+    assert cfg["quantization_config"] == {
+        "quant_method": "awq",
+        "zero_point": True,
+        "group_size": 32,
+        "bits": 4,
+        "version": "gemm",
+        "modules_to_not_convert": None,
+    }
     assert cfg["torch_dtype"] == "float16"
     ckpt = read_checkpoint(out)
     for name, w in masters.items():

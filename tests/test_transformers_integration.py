@@ -115,7 +115,7 @@ def test_enable_from_env(monkeypatch):
         awqkit_tf.disable()
 
 
-GUIDE_SECTION_1 = '''
+GUIDE_SECTION_1 = """
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
@@ -150,30 +150,33 @@ generated_ids = [
 response = tokenizer.batch_decode(
     generated_ids, skip_special_tokens=True
     )[0]
-'''
+"""
 
 
 def _run(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})}
+    )
 
 
 def test_guide_section_1_verbatim(chat_checkpoint):
     """The guide's code, with only the hub id replaced by a local checkpoint and "cuda" by "cpu"."""
-    check = textwrap.dedent('''
+    check = textwrap.dedent("""
         from awqkit.nn import AWQLinear
         assert isinstance(model.model.layers[0].self_attn.q_proj, AWQLinear)
         assert isinstance(response, str) and generated_ids[0].numel() > 0
         print("ok", generated_ids[0].numel())
-    ''')
+    """)
     prelude = "import awqkit.integrations.transformers as t; assert t.enable(prefer_awqkit=True)\n"
     result = _run(prelude + GUIDE_SECTION_1.format(path=chat_checkpoint) + check)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith("ok")
 
 
-@pytest.mark.skipif("enable_from_env" not in Path(awqkit_tf.__file__).parent.parent.joinpath("__init__.py").read_text(),
-                    reason="awqkit/__init__.py does not call awqkit.integrations.transformers.enable_from_env() yet")
+@pytest.mark.skipif(
+    "enable_from_env" not in Path(awqkit_tf.__file__).parent.parent.joinpath("__init__.py").read_text(),
+    reason="awqkit/__init__.py does not call awqkit.integrations.transformers.enable_from_env() yet",
+)
 def test_env_var_at_import_awqkit(tiny_rtn_checkpoint):
     code = textwrap.dedent(f'''
         import awqkit

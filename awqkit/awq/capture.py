@@ -65,7 +65,7 @@ def _move_non_layer_modules(model: nn.Module, layers: nn.ModuleList, device: tor
     """Put the embedding and rotary modules (everything that is not a decoder layer or the head) on the device."""
     base = model.get_submodule(_parent_name(model, layers))
     moved = []
-    for name, child in base.named_children():
+    for child in base.children():
         if child is layers:
             continue
         child.to(device)

@@ -228,13 +228,18 @@ class LayerQuantizer:
                     out = self._forward(block, x, self.opts.dtype)
                 return (out - fp_out).pow(2).mean().item()
 
-        result = search_scales(st.mean_abs.to(self.opts.device), masters, g, loss_of, self.opts.duo_scaling,
-                               self.opts.n_grid)
+        result = search_scales(
+            st.mean_abs.to(self.opts.device), masters, g, loss_of, self.opts.duo_scaling, self.opts.n_grid
+        )
         fold_scales(prev, linears, result.scales, self.spec.norm_offset)
         with torch.no_grad():
             after = _first(self.layer(check_x, **kwargs_for(self.layer, self.kwargs32)))
-        entry["fold_error"] = check_fold(ref, after, f"decoder layer {self.index} ({group.prev} → "
-                                         f"{', '.join(group.linears)})", self.opts.fold_tolerance)
+        entry["fold_error"] = check_fold(
+            ref,
+            after,
+            f"decoder layer {self.index} ({group.prev} → {', '.join(group.linears)})",
+            self.opts.fold_tolerance,
+        )
         # the group's inputs are now x / s
         s_cpu = result.scales.float().cpu()
         st.clip = [c / s_cpu for c in st.clip]
@@ -252,8 +257,9 @@ class LayerQuantizer:
                 if any(name.endswith(skip) for skip in self.spec.no_clip):
                     continue
                 w = self._linear(name).weight.data
-                low, high, shrinks[name] = search_clip(w, x, self.opts.group_size, self.opts.zero_point,
-                                                       self.opts.n_grid)
+                low, high, shrinks[name] = search_clip(
+                    w, x, self.opts.group_size, self.opts.zero_point, self.opts.n_grid
+                )
                 apply_clip(w, low, high, self.opts.group_size)
         return shrinks
 
@@ -263,8 +269,9 @@ class LayerQuantizer:
         q = copy.deepcopy(module).to(dtype)
         for name in self.spec.linears:
             fc = q.get_submodule(name)
-            fc.weight.data = fake_quantize(self.layer.get_submodule(name).weight.data.float(),
-                                           self.opts.group_size, self.opts.zero_point).to(dtype)
+            fc.weight.data = fake_quantize(
+                self.layer.get_submodule(name).weight.data.float(), self.opts.group_size, self.opts.zero_point
+            ).to(dtype)
         return q
 
     def run(self, inputs: torch.Tensor) -> tuple[torch.Tensor, LayerReport]:

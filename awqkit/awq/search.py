@@ -138,7 +138,7 @@ def search_clip(
         best_lo[start : start + chunk] = lo_best
         best_hi[start : start + chunk] = hi_best
         del ref
-    span = (w.reshape(n_out, n_groups, group_size).amax(-1) - w.reshape(n_out, n_groups, group_size).amin(-1))
+    span = w.reshape(n_out, n_groups, group_size).amax(-1) - w.reshape(n_out, n_groups, group_size).amin(-1)
     shrink = 1 - ((best_hi - best_lo) / span.clamp(min=1e-12)).clamp(max=1).mean().item()
     return best_lo, best_hi, shrink
 

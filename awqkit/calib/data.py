@@ -91,8 +91,9 @@ def load_dataset_texts(name: str, split: str, text_column: str, limit: int) -> l
     return [str(t) for t in ds.select(range(min(limit, len(ds))))[text_column]]
 
 
-def load_samples(calib_data: Any, split: str = "train", text_column: str = "text", tokenizer: Any = None,
-                 limit: int = 100_000) -> list[str] | list[list[int]]:
+def load_samples(
+    calib_data: Any, split: str = "train", text_column: str = "text", tokenizer: Any = None, limit: int = 100_000
+) -> list[str] | list[list[int]]:
     """Resolve ``calib_data`` into a list of texts or token-id lists."""
     if isinstance(calib_data, (list, tuple)):
         if not calib_data:
@@ -105,7 +106,7 @@ def load_samples(calib_data: Any, split: str = "train", text_column: str = "text
     if not isinstance(calib_data, str):
         raise CalibrationError(f"calib_data of type {type(calib_data).__name__} is not supported")
     if calib_data.startswith(BUILTIN_PREFIX):
-        return builtin_texts(calib_data[len(BUILTIN_PREFIX):])
+        return builtin_texts(calib_data[len(BUILTIN_PREFIX) :])
     path = Path(calib_data).expanduser()
     if path.is_file():
         return load_file(path, text_column, tokenizer)
@@ -140,8 +141,14 @@ def make_blocks(token_lists: list[list[int]], seq_len: int, max_blocks: int) -> 
     return torch.tensor(flat[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
-def calibration_blocks(calib_data: Any, tokenizer: Any, max_calib_samples: int = 128, max_calib_seq_len: int = 512,
-                       split: str = "train", text_column: str = "text") -> torch.Tensor:
+def calibration_blocks(
+    calib_data: Any,
+    tokenizer: Any,
+    max_calib_samples: int = 128,
+    max_calib_seq_len: int = 512,
+    split: str = "train",
+    text_column: str = "text",
+) -> torch.Tensor:
     """The whole stage: source → samples → tokens → blocks ``[n, max_calib_seq_len]`` (int64)."""
     samples = load_samples(calib_data, split, text_column, tokenizer)
     return make_blocks(tokenize_samples(samples, tokenizer), max_calib_seq_len, max_calib_samples)

@@ -206,7 +206,16 @@ class Engine:
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
         return cls(
-            model, config, tokenizer, device, dtype, max_num_seqs, max_model_len, eos, model_name, prefill_chunk,
+            model,
+            config,
+            tokenizer,
+            device,
+            dtype,
+            max_num_seqs,
+            max_model_len,
+            eos,
+            model_name,
+            prefill_chunk,
             cuda_graphs,
         )
 

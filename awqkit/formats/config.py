@@ -50,13 +50,21 @@ class QuantConfig:
         self.zero_point = bool(self.zero_point)
 
     @classmethod
-    def from_autoawq(cls, quant_config: dict[str, Any] | "QuantConfig" | None) -> "QuantConfig":
+    def from_autoawq(cls, quant_config: dict[str, Any] | QuantConfig | None) -> QuantConfig:
         """Build from the dict AutoAWQ's ``quantize(quant_config=...)`` takes (also accepts config.json spelling)."""
         if isinstance(quant_config, QuantConfig):
             return quant_config
         cfg = dict(quant_config or {})
-        known = {"zero_point", "q_group_size", "group_size", "w_bit", "bits", "version", "modules_to_not_convert",
-                 "quant_method"}
+        known = {
+            "zero_point",
+            "q_group_size",
+            "group_size",
+            "w_bit",
+            "bits",
+            "version",
+            "modules_to_not_convert",
+            "quant_method",
+        }
         unknown = set(cfg) - known
         if unknown:
             raise ConfigError(f"unknown quant_config keys {sorted(unknown)}; expected some of {sorted(known)}")
@@ -69,7 +77,7 @@ class QuantConfig:
         )
 
     @classmethod
-    def from_hf(cls, qcfg: dict[str, Any]) -> "QuantConfig":
+    def from_hf(cls, qcfg: dict[str, Any]) -> QuantConfig:
         """Parse a checkpoint's ``quantization_config`` block."""
         method = str(qcfg.get("quant_method", "")).lower()
         if method != "awq":

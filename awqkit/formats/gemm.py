@@ -23,6 +23,8 @@ AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 # column c of a block of eight sits in nibble AWQ_REVERSE_ORDER[c]
 AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)
 _SHIFTS = torch.arange(0, 32, BITS, dtype=torch.int32)
+# bit offset of column c's nibble within its int32: unpacking shifts straight to column order, with no gather
+_COLUMN_SHIFTS = torch.tensor([BITS * i for i in AWQ_REVERSE_ORDER], dtype=torch.int32)
 
 
 def pack(intweight: torch.Tensor) -> torch.Tensor:
@@ -43,8 +45,7 @@ def pack(intweight: torch.Tensor) -> torch.Tensor:
 def unpack(packed: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`pack`: int32 ``[rows, N / 8]`` → uint8-valued int32 ``[rows, N]`` in column order."""
     rows, blocks = packed.shape
-    nibbles = (packed.unsqueeze(-1) >> _SHIFTS.to(packed.device)) & 0xF  # [rows, N/8, 8] in nibble order
-    return nibbles[:, :, list(AWQ_REVERSE_ORDER)].reshape(rows, blocks * PACK)
+    return ((packed.unsqueeze(-1) >> _COLUMN_SHIFTS.to(packed.device)) & 0xF).reshape(rows, blocks * PACK)
 
 
 def dequantize(
@@ -59,11 +60,10 @@ def dequantize(
     Computed in float32 and cast to ``dtype`` (default: the scales' dtype) at the end, so the result is the exact
     product of the stored fp16 scale and a small integer.
     """
-    q = unpack(qweight)
-    z = unpack(qzeros).repeat_interleave(group_size, dim=0)
-    s = scales.float().repeat_interleave(group_size, dim=0)
-    w = (q - z).float() * s
-    return w.to(dtype or scales.dtype)
+    k, n = qweight.shape[0], scales.shape[1]
+    q = unpack(qweight).view(k // group_size, group_size, n)  # broadcast each group's zero and scale
+    w = (q - unpack(qzeros)[:, None]).float() * scales.float()[:, None]
+    return w.view(k, n).to(dtype or scales.dtype)
 
 
 def pack_linear(

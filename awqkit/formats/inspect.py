@@ -90,8 +90,10 @@ def check_shapes(ckpt: Checkpoint) -> None:
         qweight = ckpt.tensors[f"{name}.qweight"]
         have = (qweight.shape[0], qweight.shape[1] * 8)
         if fits is None:
-            raise CheckpointError(f"{ckpt.path / files[name + '.qweight']}: {name} is not a Linear layer of the model "
-                                  f"config.json describes ({ckpt.config.model_type})")
+            raise CheckpointError(
+                f"{ckpt.path / files[name + '.qweight']}: {name} is not a Linear layer of the model "
+                f"config.json describes ({ckpt.config.model_type})"
+            )
         if have != fits:
             raise CheckpointError(
                 f"{ckpt.path / files[name + '.qweight']}: {name} holds in/out features {have}, but config.json's "

@@ -22,8 +22,20 @@ from awqkit.errors import CheckpointError, ConfigError, ModelNotFoundError
 from awqkit.formats.config import QuantConfig
 from awqkit.formats.save import SAFE_INDEX_NAME, SAFE_WEIGHTS_NAME
 
-_SAFETENSORS_DTYPE_SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-                           "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+_SAFETENSORS_DTYPE_SIZE = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 
 
 @dataclass
@@ -54,8 +66,13 @@ def resolve_model_path(path_or_id: str | os.PathLike, **hub_kwargs: Any) -> Path
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
-                                                            "*.tiktoken", "*.jinja"], **hub_kwargs))
+        return Path(
+            snapshot_download(
+                name,
+                allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"],
+                **hub_kwargs,
+            )
+        )
     except Exception as e:  # hub errors come in many classes (offline, 404, auth, ...)
         raise ModelNotFoundError(
             f"could not find {name!r} locally or download it from the Hugging Face hub ({type(e).__name__}: "
@@ -234,8 +251,10 @@ def load_quantized_model(
         parent_name, _, child = name.rpartition(".")
         bias = ckpt.tensors.get(f"{name}.bias")
         layer = AWQLinear.from_packed(
-            ckpt.tensors[f"{name}.qweight"], ckpt.tensors[f"{name}.qzeros"],
-            ckpt.tensors[f"{name}.scales"].to(torch.float16), ckpt.quant.group_size,
+            ckpt.tensors[f"{name}.qweight"],
+            ckpt.tensors[f"{name}.qzeros"],
+            ckpt.tensors[f"{name}.scales"].to(torch.float16),
+            ckpt.quant.group_size,
             None if bias is None else bias.to(dtype),
         )
         try:
@@ -245,7 +264,8 @@ def load_quantized_model(
     float_tensors = {
         k: (v.to(dtype) if v.is_floating_point() else v)
         for k, v in ckpt.tensors.items()
-        if not k.endswith((".qweight", ".qzeros", ".scales")) and not (k.endswith(".bias") and k[:-5] in set(ckpt.quantized_modules))
+        if not k.endswith((".qweight", ".qzeros", ".scales"))
+        and not (k.endswith(".bias") and k[:-5] in set(ckpt.quantized_modules))
     }
     missing, unexpected = model.load_state_dict(float_tensors, strict=False, assign=True)
     if getattr(model.config, "tie_word_embeddings", False):
@@ -254,7 +274,9 @@ def load_quantized_model(
     awq_buffers = {f"{n}.{s}" for n in ckpt.quantized_modules for s in ("qweight", "qzeros", "scales", "bias")}
     missing = [m for m in missing if m not in awq_buffers]
     if missing:
-        raise CheckpointError(f"{ckpt.path} is missing weights: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        raise CheckpointError(
+            f"{ckpt.path} is missing weights: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"
+        )
     if unexpected:
         raise CheckpointError(f"{ckpt.path} has tensors the model does not use: {', '.join(unexpected[:5])}")
     model.config.quantization_config = ckpt.quant.to_hf()

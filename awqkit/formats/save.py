@@ -97,8 +97,13 @@ def _write_shards(tmp: Path, tensors: dict[str, torch.Tensor], shard_size: int |
         with open(tmp / filename, "rb") as f:
             os.fsync(f.fileno())
     if split.is_sharded:
-        _write_json(tmp / SAFE_INDEX_NAME, {"metadata": {"total_size": sum(
-            t.numel() * t.element_size() for t in tensors.values())}, "weight_map": split.tensor_to_filename})
+        _write_json(
+            tmp / SAFE_INDEX_NAME,
+            {
+                "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                "weight_map": split.tensor_to_filename,
+            },
+        )
 
 
 def prepare_target(save_dir: Path, overwrite: bool) -> None:

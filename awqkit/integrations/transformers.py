@@ -68,20 +68,26 @@ class AwqkitHfQuantizer(HfQuantizer):
     def _config_dict(self) -> dict[str, Any]:
         qc = self.quantization_config
         d = qc.to_dict() if hasattr(qc, "to_dict") else dict(qc)
-        d = {k: getattr(d.get(k), "value", d.get(k)) for k in ("bits", "group_size", "zero_point", "version",
-                                                                "modules_to_not_convert")}  # enums → strings
+        d = {
+            k: getattr(d.get(k), "value", d.get(k))
+            for k in ("bits", "group_size", "zero_point", "version", "modules_to_not_convert")
+        }  # enums → strings
         return {"quant_method": "awq", **{k: v for k, v in d.items() if v is not None}}
 
     def _process_model_before_weight_loading(self, model: torch.nn.Module, **kwargs: Any) -> None:
         quant = QuantConfig.from_hf(self._config_dict())
         stored = _awq_module_names(kwargs.get("checkpoint_files"))
         if stored is None:  # no safetensors headers to read: Transformers' rule (every Linear but the skips)
-            skips = self.get_modules_to_not_convert(model, quant.modules_to_not_convert, model._keep_in_fp32_modules,
-                                                    add_default_skips=True)
+            skips = self.get_modules_to_not_convert(
+                model, quant.modules_to_not_convert, model._keep_in_fp32_modules, add_default_skips=True
+            )
             from transformers.quantizers.quantizers_utils import should_convert_module
 
-            stored = {n for n, m in model.named_modules()
-                      if isinstance(m, torch.nn.Linear) and should_convert_module(n, skips)}
+            stored = {
+                n
+                for n, m in model.named_modules()
+                if isinstance(m, torch.nn.Linear) and should_convert_module(n, skips)
+            }
         modules = dict(model.named_modules())
         unknown = sorted(n for n in stored if not isinstance(modules.get(n), torch.nn.Linear))
         if unknown:
@@ -92,8 +98,9 @@ class AwqkitHfQuantizer(HfQuantizer):
         for name in sorted(stored):
             linear = modules[name]
             with torch.device("meta"):
-                awq = AWQLinear(linear.in_features, linear.out_features, int(quant.group_size),
-                                bias=linear.bias is not None)
+                awq = AWQLinear(
+                    linear.in_features, linear.out_features, int(quant.group_size), bias=linear.bias is not None
+                )
             model.set_submodule(name, awq)
 
     def _process_model_after_weight_loading(self, model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
@@ -128,8 +135,10 @@ def enable(prefer_awqkit: bool = False) -> bool:
         prefer_awqkit: also take over when ``gptqmodel`` is installed (by default its loader is left in place).
     """
     if is_gptqmodel_available() and not prefer_awqkit:
-        log.info("gptqmodel is installed: Transformers keeps loading AWQ through it (enable(prefer_awqkit=True) "
-                 "to use awqkit)")
+        log.info(
+            "gptqmodel is installed: Transformers keeps loading AWQ through it (enable(prefer_awqkit=True) "
+            "to use awqkit)"
+        )
         return enabled()
     _auto.AUTO_QUANTIZER_MAPPING["awq"] = AwqkitHfQuantizer
     return True

@@ -62,7 +62,7 @@ class AWQLinear(nn.Module):
         scales: torch.Tensor,
         group_size: int,
         bias: torch.Tensor | None = None,
-    ) -> "AWQLinear":
+    ) -> AWQLinear:
         """Wrap already-packed AutoAWQ tensors (no copy)."""
         in_features, out_features = qweight.shape[0], scales.shape[1]
         layer = cls(in_features, out_features, group_size, bias=bias is not None, device="meta")

@@ -44,7 +44,8 @@ def resolve_group_size(linears: dict[str, nn.Module], group_size: int | str) -> 
     if group_size == "auto":
         if not working:
             raise GroupSizeError(
-                f"no supported group size (128, 64, 32) divides every layer's in_features {sorted(set(in_features.values()))}"
+                "no supported group size (128, 64, 32) divides every layer's in_features "
+                f"{sorted(set(in_features.values()))}"
             )
         return working[0]
     for name, k in in_features.items():
