@@ -54,15 +54,6 @@ def compute_device(device_map: Any) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (there bf16 matmuls run ~2.5x faster than float32)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def peak_rss_gb() -> float:
     """Peak resident memory of this process (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -190,7 +181,7 @@ class AutoAWQForCausalLM:
         max_calib_seq_len: int = 512,
         max_chunk_memory: int = 1024**3,
         *,
-        search_tokens: int = 2048,
+        search_tokens: int = 4096,
         calib_dtype: torch.dtype | str = "auto",
         propagate_quantized: bool = True,
         resume_dir: str | os.PathLike | None = None,
@@ -208,8 +199,9 @@ class AutoAWQForCausalLM:
             max_calib_samples, max_calib_seq_len: at most this many blocks of this many tokens.
             max_chunk_memory: bytes one clip-search chunk may take.
             search_tokens: tokens on which block-output losses are measured.
-            calib_dtype: precision layers run in: "auto" = bfloat16 on CUDA and on CPUs with native bf16 matmuls
-                (AVX512-BF16/AMX), else float32. Folds, clipping and quantization are always float32.
+            calib_dtype: precision layers run in: "auto" = bfloat16 on CUDA, float32 on the CPU ("bfloat16" there is
+                ~2.5x faster on CPUs with AVX512-BF16/AMX, at some quality: see benchmarks/README.md). Folds,
+                clipping and quantization are always float32.
             propagate_quantized: feed each layer the quantized previous layers' outputs.
             resume_dir: keep per-layer progress there; a rerun with the same arguments continues after a kill.
             progress: show a progress bar.
@@ -252,7 +244,7 @@ class AutoAWQForCausalLM:
         if isinstance(calib_dtype, torch.dtype):
             return calib_dtype
         if calib_dtype == "auto":
-            return torch.bfloat16 if self.device.type == "cuda" or cpu_has_native_bf16() else torch.float32
+            return torch.bfloat16 if self.device.type == "cuda" else torch.float32
         try:
             return getattr(torch, calib_dtype)
         except AttributeError:

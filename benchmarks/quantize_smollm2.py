@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--calib-dtype", default="auto", help="precision layers run in during the search")
-    ap.add_argument("--search-tokens", type=int, default=2048)
+    ap.add_argument("--search-tokens", type=int, default=4096)
     ap.add_argument("--tag", default="", help="suffix of the result file name")
     ap.add_argument("--propagate-float", action="store_true", help="feed each layer float outputs (AutoAWQ's way)")
     ap.add_argument("--no-duo-scaling", action="store_true")

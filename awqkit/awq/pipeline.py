@@ -57,7 +57,7 @@ class AwqOptions:
     duo_scaling: bool = True
     apply_clip: bool = True
     n_grid: int = 20
-    search_tokens: int = 2048
+    search_tokens: int = 4096
     clip_tokens: int = 512
     gram_tokens: int = 16384
     batch: int = 16
