@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# Tests run on CPUs: Triton kernels run in its interpreter. Set before anything imports awqkit.kernels, so every
+# @triton.jit function of the session is built for the interpreter (a GPU-compile test asks for "0" explicitly).
+os.environ["TRITON_INTERPRET"] = "1"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
