@@ -351,23 +351,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from awqkit.server.serve import serve
+    from awqkit.server.serve import serve_from_args
 
-    serve(
-        args.checkpoint,
-        host=args.host,
-        port=args.port,
-        api_key=args.api_key,
-        served_model_name=args.served_model_name,
-        max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs,
-        device=args.device,
-        dtype=args.dtype,
-        max_queue=args.max_queue,
-        default_max_tokens=args.default_max_tokens,
-        shutdown_grace_s=args.shutdown_grace,
-        log_level=args.log_level,
-    )
+    serve_from_args(args)
     return 0
 
 

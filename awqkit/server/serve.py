@@ -190,28 +190,33 @@ def build_parser(prog: str = "python -m awqkit.server") -> argparse.ArgumentPars
     return p
 
 
+def serve_from_args(args: argparse.Namespace) -> None:
+    """Run :func:`serve` with the options of :func:`build_parser` (shared by ``awqkit serve`` and ``-m``)."""
+    serve(
+        args.checkpoint,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        served_model_name=args.served_model_name,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        device=args.device,
+        dtype=args.dtype,
+        max_queue=args.max_queue,
+        default_max_tokens=args.default_max_tokens,
+        shutdown_grace_s=args.shutdown_grace,
+        log_level=args.log_level,
+        cpu_threads=args.cpu_threads,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m awqkit.server``: parse, serve, print a one-line error on failure."""
     from awqkit.errors import AwqkitError
 
     args = build_parser().parse_args(argv)
     try:
-        serve(
-            args.checkpoint,
-            host=args.host,
-            port=args.port,
-            api_key=args.api_key,
-            served_model_name=args.served_model_name,
-            max_model_len=args.max_model_len,
-            max_num_seqs=args.max_num_seqs,
-            device=args.device,
-            dtype=args.dtype,
-            max_queue=args.max_queue,
-            default_max_tokens=args.default_max_tokens,
-            shutdown_grace_s=args.shutdown_grace,
-            log_level=args.log_level,
-            cpu_threads=args.cpu_threads,
-        )
+        serve_from_args(args)
     except AwqkitError as exc:
         print(f"awqkit serve: error: {exc}", file=sys.stderr)
         return 1
