@@ -369,7 +369,7 @@ class _Progress:
             if not export_compatible:
                 convert_layer(layers[i], spec, quant, f"{spec.layers}.{i}")
             layers[i].load_state_dict(load_file(str(self.root / f"layer_{i:04d}.safetensors")), strict=True)
-        inputs = load_file(str(self.root / "inputs.safetensors"))["inputs"]
+        inputs = load_file(str(self.root / f"inputs_{done:04d}.safetensors"))["inputs"]
         reports = [LayerReport(**r) for r in state["reports"]]
         log.info("resuming at layer %d of %d from %s", done, len(layers), self.root)
         return done, inputs, reports
@@ -380,15 +380,16 @@ class _Progress:
         save_file(
             {k: v.contiguous() for k, v in layer.state_dict().items()}, str(self.root / f"layer_{i:04d}.safetensors")
         )
-        tmp = self.root / "inputs.safetensors.tmp"
-        save_file({"inputs": next_inputs.contiguous()}, str(tmp))
-        os.replace(tmp, self.root / "inputs.safetensors")
+        # the inputs file is named by the layer it feeds and progress.json switches to it atomically, so a kill at
+        # any moment resumes with a matching (layer, inputs) pair
+        save_file({"inputs": next_inputs.contiguous()}, str(self.root / f"inputs_{i + 1:04d}.safetensors"))
         state_file = self.root / "progress.json"
         reports = json.loads(state_file.read_text())["reports"] if state_file.is_file() else []
         state = {"fingerprint": self.fingerprint, "next_layer": i + 1, "reports": reports + [report.to_dict()]}
         tmp = self.root / "progress.json.tmp"
         tmp.write_text(json.dumps(state))
         os.replace(tmp, state_file)
+        (self.root / f"inputs_{i:04d}.safetensors").unlink(missing_ok=True)
 
     def done(self) -> None:
         """Leave the progress in place until the checkpoint is saved; the caller removes it."""

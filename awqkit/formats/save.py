@@ -94,6 +94,7 @@ def _write_shards(tmp: Path, tensors: dict[str, torch.Tensor], shard_size: int |
     )
     for filename, names in split.filename_to_tensors.items():
         save_file({n: tensors[n] for n in names}, str(tmp / filename), metadata={"format": "pt"})
+        os.chmod(tmp / filename, 0o644)  # safetensors creates 0600 files; a checkpoint is meant to be shared
         with open(tmp / filename, "rb") as f:
             os.fsync(f.fileno())
     if split.is_sharded:

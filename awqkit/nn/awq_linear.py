@@ -77,9 +77,12 @@ class AWQLinear(nn.Module):
 
     def prepare_for_kernels(self) -> None:
         """Let the device's kernel backend post-process the weights once (e.g. repack). Idempotent."""
-        from awqkit import kernels
+        self._kernel_state = None
+        if self.qweight.is_cuda:  # awqkit.kernels needs Triton, which a CPU-only install may lack
+            from awqkit import kernels
 
-        self._kernel_state = kernels.prepare(self) if self.qweight.is_cuda and kernels.available() else None
+            if kernels.available():
+                self._kernel_state = kernels.prepare(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
