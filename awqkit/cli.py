@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -84,27 +83,6 @@ def _load_tokenizer(path: str, gguf_file: str | None = None) -> Any:
         ) from None
 
 
-def _fsync_tree(root: Path) -> None:
-    for path in [*root.rglob("*"), root]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _publish(staging: Path, out: Path) -> None:
-    """Move a finished ``staging`` directory to ``out`` (replacing it), so ``out`` is never half-written."""
-    _fsync_tree(staging)
-    if out.exists():
-        old = out.parent / f".{out.name}.tmp-old-{uuid.uuid4().hex[:8]}"
-        out.rename(old)
-        staging.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(out)
-
-
 # --- quantize ------------------------------------------------------------------------------------------------------
 
 
@@ -113,7 +91,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     from awqkit import AutoAWQForCausalLM, QuantConfig
     from awqkit.errors import CalibrationError, GroupSizeError
-    from awqkit.formats.save import prepare_target
+    from awqkit.formats.save import prepare_target, publish_directory
     from awqkit.report import full_report, summary_lines, write_report
 
     t_start = time.perf_counter()
@@ -163,7 +141,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     try:
         awq.save_quantized(staging)
         tokenizer.save_pretrained(str(staging))
-        _publish(staging, out)
+        publish_directory(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if args.resume:

@@ -73,11 +73,27 @@ def hf_config_dict(config: Any, quant: QuantConfig, dtype: torch.dtype = torch.f
 
 
 def _fsync_dir(path: Path) -> None:
+    """fsync a file or directory (a directory's fsync makes the names in it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def publish_directory(staging: Path, target: Path) -> None:
+    """Move a finished ``staging`` directory to ``target`` (replacing it), fsynced, so ``target`` is never
+    half-written: a crash leaves either the old directory or the new one."""
+    for path in [*staging.rglob("*"), staging]:
+        _fsync_dir(path)
+    if target.exists():
+        old = target.parent / f".{target.name}.tmp-old-{uuid.uuid4().hex[:8]}"
+        target.rename(old)
+        staging.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(target)
+    _fsync_dir(target.parent)
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -142,15 +158,7 @@ def write_checkpoint_dir(
             _write_json(tmp / name, obj)
         # config.json last: its presence is what marks a directory as a checkpoint
         _write_json(tmp / "config.json", config_dict)
-        _fsync_dir(tmp)
-        if save_dir.exists():
-            old = save_dir.parent / f".{save_dir.name}.tmp-old-{uuid.uuid4().hex[:8]}"
-            save_dir.rename(old)
-            tmp.rename(save_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(save_dir)
-        _fsync_dir(save_dir.parent)
+        publish_directory(tmp, save_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
