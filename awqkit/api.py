@@ -285,8 +285,6 @@ class AutoAWQForCausalLM:
         finally:
             if bar is not None:
                 bar.close()
-        if saver is not None:
-            saver.done()
         return earlier + reports
 
     def _make_report(
@@ -390,6 +388,3 @@ class _Progress:
         tmp.write_text(json.dumps(state))
         os.replace(tmp, state_file)
         (self.root / f"inputs_{i:04d}.safetensors").unlink(missing_ok=True)
-
-    def done(self) -> None:
-        """Leave the progress in place until the checkpoint is saved; the caller removes it."""
