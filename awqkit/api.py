@@ -54,6 +54,14 @@ def compute_device(device_map: Any) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX): there bf16 matmuls are ~2.5x fp32's."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def peak_rss_gb() -> float:
     """Peak resident memory of this process (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -181,9 +189,9 @@ class AutoAWQForCausalLM:
         max_calib_seq_len: int = 512,
         max_chunk_memory: int = 1024**3,
         *,
-        search_tokens: int = 4096,
+        search_tokens: int = 2048,
         calib_dtype: torch.dtype | str = "auto",
-        propagate_quantized: bool = True,
+        propagate_quantized: bool = False,
         resume_dir: str | os.PathLike | None = None,
         progress: bool = True,
     ) -> None:
@@ -197,12 +205,15 @@ class AutoAWQForCausalLM:
             export_compatible: fold scales and clip but keep float weights (call :meth:`pack` later).
             n_parallel_calib_samples: sequences per forward pass (default: 16).
             max_calib_samples, max_calib_seq_len: at most this many blocks of this many tokens.
-            max_chunk_memory: bytes one clip-search chunk may take.
+            max_chunk_memory: accepted for AutoAWQ compatibility (the clip search works on per-group Gram
+                matrices, whose size does not grow with the calibration set, so it needs no chunking).
             search_tokens: tokens on which block-output losses are measured.
-            calib_dtype: precision layers run in: "auto" = bfloat16 on CUDA, float32 on the CPU ("bfloat16" there is
-                ~2.5x faster on CPUs with AVX512-BF16/AMX, at some quality: see benchmarks/README.md). Folds,
-                clipping and quantization are always float32.
-            propagate_quantized: feed each layer the quantized previous layers' outputs.
+            calib_dtype: precision layers run in: "auto" = bfloat16 on CUDA and on CPUs that multiply bf16
+                natively (AVX512-BF16/AMX: ~2.5x fp32's speed), else float32. Folds, clip search and quantization
+                are always float32.
+            propagate_quantized: feed each layer the quantized previous layers' outputs instead of the float ones
+                (AutoAWQ's choice, and the default: with the clip search on every token it measured better on
+                SmolLM2, and it saves one forward pass per layer — see benchmarks/README.md).
             resume_dir: keep per-layer progress there; a rerun with the same arguments continues after a kill.
             progress: show a progress bar.
         """
@@ -225,7 +236,7 @@ class AutoAWQForCausalLM:
             dtype=self._calib_dtype(calib_dtype),
             propagate_quantized=propagate_quantized,
         )
-        del max_chunk_memory  # chunking is sized from the shapes (see awq.search.search_clip)
+        del max_chunk_memory  # nothing to chunk (see awq.search.search_clip)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         try:
@@ -244,7 +255,7 @@ class AutoAWQForCausalLM:
         if isinstance(calib_dtype, torch.dtype):
             return calib_dtype
         if calib_dtype == "auto":
-            return torch.bfloat16 if self.device.type == "cuda" else torch.float32
+            return torch.bfloat16 if self.device.type == "cuda" or cpu_has_fast_bf16() else torch.float32
         try:
             return getattr(torch, calib_dtype)
         except AttributeError:

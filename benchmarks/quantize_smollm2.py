@@ -32,9 +32,9 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--calib-dtype", default="auto", help="precision layers run in during the search")
-    ap.add_argument("--search-tokens", type=int, default=4096)
+    ap.add_argument("--search-tokens", type=int, default=2048)
     ap.add_argument("--tag", default="", help="suffix of the result file name")
-    ap.add_argument("--propagate-float", action="store_true", help="feed each layer float outputs (AutoAWQ's way)")
+    ap.add_argument("--propagate-quantized", action="store_true", help="feed each layer the quantized outputs")
     ap.add_argument("--no-duo-scaling", action="store_true")
     ap.add_argument("--baselines", default="", help="'FLOAT,RTN' perplexities from an earlier run (skips them)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
@@ -78,7 +78,7 @@ def main() -> None:
         max_calib_seq_len=args.seq_len,
         calib_dtype=args.calib_dtype,
         search_tokens=args.search_tokens,
-        propagate_quantized=not args.propagate_float,
+        propagate_quantized=args.propagate_quantized,
         duo_scaling=not args.no_duo_scaling,
     )
     quant_s = time.perf_counter() - t0
@@ -93,7 +93,7 @@ def main() -> None:
         "group_size": args.group_size,
         "calib_dtype": args.calib_dtype,
         "search_tokens": args.search_tokens,
-        "propagate_quantized": not args.propagate_float,
+        "propagate_quantized": args.propagate_quantized,
         "duo_scaling": not args.no_duo_scaling,
         "calibration": {"source": args.calib, **awq.report["calibration"]},
         "eval": {"source": args.eval_text, "windows": windows.shape[0], "seq_len": windows.shape[1]},

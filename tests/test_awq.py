@@ -11,9 +11,9 @@ from torch import nn
 
 from awqkit import AutoAWQForCausalLM, QuantConfig
 from awqkit.arch import get_spec, supported_model_types
-from awqkit.awq.fold import can_fold, fold_scales
+from awqkit.awq.fold import can_fold, channel_map, fold_scales
 from awqkit.awq.quantizer import fake_quantize, quantize_weight
-from awqkit.awq.search import search_clip
+from awqkit.awq.search import block_gram, search_clip
 from awqkit.errors import (
     CalibrationError,
     ConfigError,
@@ -70,7 +70,7 @@ def test_fold_into_previous_linear_is_exact_and_gqa_is_detected():
     assert can_fold(v, [o])
     fold_scales(v, [o], torch.rand(64) * 4 + 0.1)
     torch.testing.assert_close(o(v(x)), before, rtol=1e-5, atol=1e-5)
-    assert not can_fold(nn.Linear(64, 32), [nn.Linear(64, 64)])  # GQA: v has fewer outputs than o has inputs
+    assert not can_fold(nn.Linear(64, 48), [nn.Linear(64, 64)])  # no channel correspondence at all
 
 
 def test_quantizer_scales_are_exact_fp16_and_levels_in_range():
@@ -87,16 +87,16 @@ def test_clip_never_hurts_output_error():
     w = torch.randn(48, 128)
     w[:, 5] *= 8  # outliers
     x = torch.randn(256, 128)
-    low, high, shrink = search_clip(w, x, 64, True)
+    low, high, shrink = search_clip(w, block_gram(x, 64), 64, True)
     clipped = torch.maximum(torch.minimum(w.view(48, 2, 64), high[..., None]), low[..., None]).view(48, 128)
     err = lambda q: (x @ (q - w).T).pow(2).mean()  # noqa: E731
     assert err(fake_quantize(clipped, 64)) <= err(fake_quantize(w, 64)) + 1e-7
     assert 0 <= shrink <= 0.5
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
-def test_quantize_families_folds_checked_and_awq_beats_rtn(family):
-    model = tiny_model(family, num_key_value_heads=4)  # no GQA: the v→o group is used too
+@pytest.mark.parametrize("family,kv_heads", [("llama", 4), ("qwen2", 4), ("qwen3", 2), ("mistral", 2)])
+def test_quantize_families_folds_checked_and_awq_beats_rtn(family, kv_heads):
+    model = tiny_model(family, num_key_value_heads=kv_heads)  # 2 of 4: grouped-query attention
     reference = copy.deepcopy(model)
     # give some input channels large activations, as real LLMs have, by scaling embedding columns
     with torch.no_grad():
@@ -119,10 +119,24 @@ def test_quantize_families_folds_checked_and_awq_beats_rtn(family):
     assert rel < 0.2
 
 
-def test_gqa_skips_v_to_o_group():
+def test_gqa_folds_v_to_o_with_scales_shared_by_query_heads():
+    """With 2 kv heads for 4 query heads, o's input channels (h, d) and (h+1, d) come from one v channel."""
     awq = quantize_tiny(tiny_model("llama", num_key_value_heads=2))
     vo = awq.report["layers"][0]["groups"][1]
-    assert vo["prev"] == "self_attn.v_proj" and "grouped-query" in vo["skipped"]
+    assert vo["prev"] == "self_attn.v_proj" and "skipped" not in vo
+    assert vo["fold_error"] < 1e-4 and vo["awq_mse"] <= vo["rtn_mse"]
+
+
+def test_channel_map_for_grouped_query_attention():
+    v, o = nn.Linear(64, 32), nn.Linear(64, 64)  # head_dim 16: 2 kv heads, 4 query heads
+    mapping = channel_map(v, [o], head_dim=16)
+    assert mapping.tolist() == [*range(16), *range(16), *range(16, 32), *range(16, 32)]
+    assert channel_map(v, [o]) is None  # head size unknown: cannot tell which channels share a v output
+    x = torch.randn(5, 64)
+    t = torch.rand(32) + 0.5  # one scale per v output
+    before = o(v(x)[:, mapping])  # attention with uniform weights just routes v's channels to query heads
+    fold_scales(v, [o], t[mapping], mapping=mapping)
+    torch.testing.assert_close(o(v(x)[:, mapping]), before, rtol=1e-5, atol=1e-5)
 
 
 def test_search_improves_on_rtn_over_held_out_tokens():

@@ -112,15 +112,15 @@ class GroupInputs:
         gram: ``Xᵀ X`` over an evenly strided token sample, for a single-Linear group: the output MSE of any weight
             change ΔW over those tokens is ``tr(ΔW · XᵀX · ΔWᵀ) / (tokens · out)``, without touching them again.
         gram_tokens: how many tokens the Gram matrix holds.
+        block_gram: per-group ``X_gᵀ X_g`` ``[groups, G, G]`` over every token, for the clip search.
         search: the input rows of the search sequences (full sequences: attention needs them).
-        clip: an evenly strided sample of input tokens for the clip search.
         tokens: how many tokens were seen.
     """
 
     abs_sum: torch.Tensor | None = None
     gram: torch.Tensor | None = None
+    block_gram: torch.Tensor | None = None
     search: list[torch.Tensor] = field(default_factory=list)
-    clip: list[torch.Tensor] = field(default_factory=list)
     tokens: int = 0
     gram_tokens: int = 0
 

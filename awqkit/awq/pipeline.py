@@ -5,9 +5,11 @@ For each layer:
 1. run it (in the compute dtype) over every calibration block, gathering each scale group's input statistics;
 2. per group, search the scales (:mod:`awqkit.awq.search`) and fold them into the float weights
    (:mod:`awqkit.awq.fold`), checking after each fold that the layer's float output did not move;
-3. search and apply the clipping of every Linear except q/k;
-4. compute the next layer's inputs *through the quantized layer* (AutoAWQ feeds the float outputs instead; feeding
-   what the deployed model will actually see lets each layer correct for the error of the ones before it).
+3. search and apply the clipping of every Linear except q/k, scored on every calibration token through per-group
+   Gram matrices (:func:`awqkit.awq.search.block_gram`);
+4. hand the next layer its inputs: the float layer's outputs from step 1 (AutoAWQ's choice and the default), or,
+   with ``propagate_quantized``, the outputs of the quantized layer (one more forward pass; it measured worse on
+   SmolLM2 once the clip search saw every token — benchmarks/README.md).
 
 Only the layer being processed sits on the compute device, so peak device memory is one layer plus its
 activations. The caller turns finished layers into packed modules through ``on_layer_done``.
@@ -27,9 +29,9 @@ from torch import nn
 
 from awqkit.arch import ArchSpec, ScaleGroup
 from awqkit.awq.capture import GroupInputs, kwargs_for, slice_batch
-from awqkit.awq.fold import can_fold, check_fold, fold_scales
+from awqkit.awq.fold import channel_map, check_fold, fold_scales
 from awqkit.awq.quantizer import fake_quantize
-from awqkit.awq.search import apply_clip, gram_loss, quantized_trial, search_clip, search_scales
+from awqkit.awq.search import apply_clip, block_gram, gram_loss, quantized_trial, search_clip, search_scales
 from awqkit.errors import NumericalError
 
 
@@ -43,8 +45,7 @@ class AwqOptions:
         apply_clip: run the clip search.
         n_grid: α grid points in [0, 1).
         search_tokens: tokens (whole sequences) on which block-output losses are measured; the activation
-            statistics and single-Linear losses always use every token.
-        clip_tokens: evenly strided tokens for the clip search (AutoAWQ: 512).
+            statistics and the clip search always use every token.
         gram_tokens: evenly strided tokens whose second moments ``XᵀX`` give single-Linear losses.
         batch: sequences per forward pass (memory bound).
         device, dtype: where and in what precision layers run; folds and quantization are always fp32.
@@ -57,13 +58,12 @@ class AwqOptions:
     duo_scaling: bool = True
     apply_clip: bool = True
     n_grid: int = 20
-    search_tokens: int = 4096
-    clip_tokens: int = 512
-    gram_tokens: int = 16384
+    search_tokens: int = 2048
+    gram_tokens: int = 4096
     batch: int = 16
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32
-    propagate_quantized: bool = True
+    propagate_quantized: bool = False
     fold_tolerance: float = 1e-4
 
 
@@ -97,11 +97,16 @@ def _first(out: Any) -> torch.Tensor:
 
 
 def _check_finite(t: torch.Tensor, what: str) -> None:
-    if not torch.isfinite(t).all():
+    # a sum is NaN/Inf iff some element is (finite values this large cannot overflow fp32), and far cheaper
+    if not torch.isfinite(t.sum(dtype=torch.float32)):
         raise NumericalError(
             f"{what} contains NaN or Inf; check the source model's weights (or the calibration text for activations), "
             "or load it in float32"
         )
+
+
+class _StatsComplete(Exception):
+    """Raised inside a gather forward once every watched Linear has recorded its input."""
 
 
 class LayerQuantizer:
@@ -118,8 +123,14 @@ class LayerQuantizer:
     def _linear(self, name: str) -> nn.Module:
         return self.layer.get_submodule(name)
 
+    def _channel_map(self, group: ScaleGroup) -> torch.Tensor | None:
+        """Which output of ``group.prev`` feeds each input channel of the group (None: cannot fold)."""
+        parent = self.layer.get_submodule(group.prev.rpartition(".")[0]) if "." in group.prev else self.layer
+        head_dim = getattr(parent, "head_dim", None)
+        return channel_map(self._linear(group.prev), [self._linear(n) for n in group.linears], head_dim)
+
     def _forward(self, module: nn.Module, inputs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Run ``module`` (a layer or a block inside it) over ``inputs`` in batches; fp32 CPU result."""
+        """Run ``module`` (a layer or a block inside it) over ``inputs`` in batches; the result is in ``dtype``."""
         kw = self.kwargs if dtype != torch.float32 else self.kwargs32
         kw = kwargs_for(module, kw)
         outs = []
@@ -127,7 +138,7 @@ class LayerQuantizer:
         for start in range(0, total, self.opts.batch):
             sel = slice(start, start + self.opts.batch)
             x = inputs[sel].to(self.opts.device, dtype)
-            outs.append(_first(module(x, **slice_batch(kw, sel, total))).float())
+            outs.append(_first(module(x, **slice_batch(kw, sel, total))))
         return torch.cat(outs).to(inputs.device)
 
     def _search_rows(self, n_seq: int, seq_len: int) -> list[int]:
@@ -135,40 +146,44 @@ class LayerQuantizer:
         return sorted({round(i * (n_seq - 1) / max(count - 1, 1)) for i in range(count)})
 
     # -- 1. statistics -------------------------------------------------------------------------------------------
-    def gather(self, work: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-        """Run ``work`` over all inputs, recording each group's input statistics; returns the outputs."""
+    def gather(self, work: nn.Module, inputs: torch.Tensor, need_output: bool) -> torch.Tensor | None:
+        """Run ``work`` over all inputs, recording each group's input statistics; returns the outputs if needed.
+
+        Without ``need_output`` each batch stops as soon as every watched Linear has seen its input (it skips the
+        last Linear and what follows: a quarter of a Llama layer's work).
+        """
         n_seq, seq_len = inputs.shape[:2]
         search_rows = self._search_rows(n_seq, seq_len)
-        stride = max(1, (n_seq * seq_len) // self.opts.clip_tokens)
         gram_stride = max(1, (n_seq * seq_len) // self.opts.gram_tokens)
-        state = {"start": 0}
+        state: dict[str, Any] = {"start": 0, "fired": set()}
         handles = []
         # one hook per distinct input: the first Linear of every group, plus any Linear not first in a group
         watched = {g.linears[0]: g for g in self.spec.groups}
 
         def hook_for(name: str, group: ScaleGroup):
             st = self.stats.setdefault(name, GroupInputs())
-            wants_gram = group.inspect is None and can_fold(
-                self._linear(group.prev), [self._linear(n) for n in group.linears]
-            )
+            wants_gram = group.inspect is None and self._channel_map(group) is not None
 
             def hook(module: nn.Module, args: tuple) -> None:
                 x = args[0].detach()
                 b = x.shape[0]
-                flat = x.reshape(-1, x.shape[-1]).float()
-                st.abs_sum = flat.abs().sum(0) + (0 if st.abs_sum is None else st.abs_sum)
+                flat = x.reshape(-1, x.shape[-1]).to(torch.float32, copy=True)  # a copy: abs_ below is in place
                 st.tokens += flat.shape[0]
-                first = state["start"] * seq_len
-                idx = torch.arange(first, first + flat.shape[0], device=flat.device)
-                if wants_gram:
-                    sample = flat[idx % gram_stride == 0]
+                if wants_gram:  # every gram_stride-th token of the whole calibration set
+                    sample = flat[(-state["start"] * seq_len) % gram_stride :: gram_stride].contiguous()
                     g = sample.T @ sample
                     st.gram = g if st.gram is None else st.gram + g
                     st.gram_tokens += sample.shape[0]
-                st.clip.append(flat[idx % stride == 0].cpu())
+                bg = block_gram(flat, self.opts.group_size)
+                st.block_gram = bg if st.block_gram is None else st.block_gram + bg
+                abs_sum = flat.abs_().sum(0)
+                st.abs_sum = abs_sum if st.abs_sum is None else st.abs_sum + abs_sum
                 rows = [r - state["start"] for r in search_rows if state["start"] <= r < state["start"] + b]
                 if rows:
                     st.search.append(x[rows].cpu())
+                state["fired"].add(name)
+                if not need_output and len(state["fired"]) == len(watched):
+                    raise _StatsComplete
 
             return hook
 
@@ -179,13 +194,18 @@ class LayerQuantizer:
             kw = kwargs_for(work, self.kwargs)
             with torch.no_grad():
                 for start in range(0, n_seq, self.opts.batch):
-                    state["start"] = start
+                    state["start"], state["fired"] = start, set()
                     sel = slice(start, start + self.opts.batch)
                     x = inputs[sel].to(self.opts.device, self.opts.dtype)
-                    outs.append(_first(work(x, **slice_batch(kw, sel, n_seq))).float().cpu())
+                    try:
+                        outs.append(_first(work(x, **slice_batch(kw, sel, n_seq))).cpu())
+                    except _StatsComplete:
+                        pass
         finally:
             for h in handles:
                 h.remove()
+        if not need_output:
+            return None
         out = torch.cat(outs)
         _check_finite(out, f"the output of decoder layer {self.index}")
         return out
@@ -202,8 +222,9 @@ class LayerQuantizer:
         prev = self._linear(group.prev)
         linears = [self._linear(n) for n in group.linears]
         entry: dict[str, Any] = {"prev": group.prev, "linears": list(group.linears)}
-        if not can_fold(prev, linears):
-            entry["skipped"] = f"{group.prev} outputs are not {group.linears[0]}'s inputs (grouped-query attention)"
+        mapping = self._channel_map(group)
+        if mapping is None:
+            entry["skipped"] = f"{group.prev}'s outputs cannot absorb scales of {group.linears[0]}'s inputs"
             return entry
         st = self.stats[group.linears[0]]
         g, zp = self.opts.group_size, self.opts.zero_point
@@ -216,22 +237,22 @@ class LayerQuantizer:
                 return gram_loss(quantized_trial(w, s, g, zp) - w, gram, st.gram_tokens)
         else:
             block = work.get_submodule(group.inspect)
+            work_fcs = [work.get_submodule(n) for n in group.linears]
             x = torch.cat(st.search).to(self.opts.device)
             with torch.no_grad():
                 fp_out = self._forward(block, x, self.opts.dtype)
-            work_fcs = [work.get_submodule(n) for n in group.linears]
 
             def loss_of(s: torch.Tensor) -> float:
                 for fc, w in zip(work_fcs, masters):
                     fc.weight.data.copy_(quantized_trial(w, s, g, zp).to(fc.weight.dtype))
                 with torch.no_grad():
                     out = self._forward(block, x, self.opts.dtype)
-                return (out - fp_out).pow(2).mean().item()
+                return (out.float() - fp_out.float()).pow(2).mean().item()
 
         result = search_scales(
-            st.mean_abs.to(self.opts.device), masters, g, loss_of, self.opts.duo_scaling, self.opts.n_grid
+            st.mean_abs.to(self.opts.device), masters, g, loss_of, self.opts.duo_scaling, self.opts.n_grid, mapping
         )
-        fold_scales(prev, linears, result.scales, self.spec.norm_offset)
+        fold_scales(prev, linears, result.scales, self.spec.norm_offset, mapping)
         with torch.no_grad():
             after = _first(self.layer(check_x, **kwargs_for(self.layer, self.kwargs32)))
         entry["fold_error"] = check_fold(
@@ -241,8 +262,8 @@ class LayerQuantizer:
             self.opts.fold_tolerance,
         )
         # the group's inputs are now x / s
-        s_cpu = result.scales.float().cpu()
-        st.clip = [c / s_cpu for c in st.clip]
+        inv = (1 / result.scales.float()).view(-1, self.opts.group_size)
+        st.block_gram = st.block_gram * inv.unsqueeze(2) * inv.unsqueeze(1)
         self._sync_work(work, [group.prev, *group.linears])
         entry.update(alpha=result.alpha, rtn_mse=result.rtn_mse, awq_mse=result.awq_mse)
         return entry
@@ -252,13 +273,12 @@ class LayerQuantizer:
         shrinks = {}
         for group in self.spec.groups:
             st = self.stats[group.linears[0]]
-            x = torch.cat(st.clip)[: self.opts.clip_tokens].to(self.opts.device)
             for name in group.linears:
                 if any(name.endswith(skip) for skip in self.spec.no_clip):
                     continue
                 w = self._linear(name).weight.data
                 low, high, shrinks[name] = search_clip(
-                    w, x, self.opts.group_size, self.opts.zero_point, self.opts.n_grid
+                    w, st.block_gram, self.opts.group_size, self.opts.zero_point, self.opts.n_grid
                 )
                 apply_clip(w, low, high, self.opts.group_size)
         return shrinks
@@ -281,9 +301,9 @@ class LayerQuantizer:
             _check_finite(p, f"weight {name} of decoder layer {self.index}")
         _check_finite(inputs, f"the input of decoder layer {self.index}")
         work = copy.deepcopy(self.layer).to(self.opts.dtype)
-        float_out = self.gather(work, inputs)
+        float_out = self.gather(work, inputs, need_output=not self.opts.propagate_quantized)
 
-        check_x = inputs[:1].to(self.opts.device)  # one whole sequence: kwargs are per-position
+        check_x = inputs[:1].to(self.opts.device, torch.float32)  # one whole sequence: kwargs are per-position
         kw32 = kwargs_for(self.layer, slice_batch(self.kwargs32, slice(0, 1), inputs.shape[0]))
         with torch.no_grad():
             ref = _first(self.layer(check_x, **kw32))

@@ -52,6 +52,15 @@ def candidate_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None, alpha: f
     return s
 
 
+def shared_mean(v: torch.Tensor, mapping: torch.Tensor) -> torch.Tensor:
+    """``v`` averaged over the channels that ``mapping`` sends to the same source channel (shape kept)."""
+    mapping = mapping.to(v.device)
+    n = int(mapping.max()) + 1
+    sums = torch.zeros(n, dtype=v.dtype, device=v.device).index_add_(0, mapping, v)
+    counts = torch.zeros(n, dtype=v.dtype, device=v.device).index_add_(0, mapping, torch.ones_like(v))
+    return (sums / counts)[mapping]
+
+
 def search_scales(
     x_mean: torch.Tensor,
     weights: list[torch.Tensor],
@@ -59,10 +68,18 @@ def search_scales(
     loss_of: Callable[[torch.Tensor], float],
     duo_scaling: bool = True,
     n_grid: int = N_GRID,
+    mapping: torch.Tensor | None = None,
 ) -> ScaleResult:
-    """Grid-search α; ``loss_of(scales)`` returns the block-output MSE with the group quantized at those scales."""
+    """Grid-search α; ``loss_of(scales)`` returns the block-output MSE with the group quantized at those scales.
+
+    ``mapping`` (see :func:`awqkit.awq.fold.channel_map`) ties channels that one output of the previous op feeds:
+    their statistics are averaged so that every candidate gives them one scale, which is what makes it foldable.
+    """
     w_mean = weight_mean(weights, group_size) if duo_scaling else None
     x_mean = x_mean.float()
+    if mapping is not None and int(mapping.max()) + 1 < mapping.numel():
+        x_mean = shared_mean(x_mean, mapping)
+        w_mean = None if w_mean is None else shared_mean(w_mean, mapping)
     best = None
     rtn = float("nan")
     for i in range(n_grid):
@@ -88,59 +105,79 @@ def gram_loss(delta: torch.Tensor, gram: torch.Tensor, tokens: int) -> float:
     return (torch.sum((delta @ gram) * delta) / (tokens * delta.shape[0])).item()
 
 
+def block_gram(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per-group second moments ``X_gᵀ X_g`` ``[groups, G, G]`` of inputs ``x`` ``[tokens, K]`` (fp32).
+
+    The output error a weight change ``Δ`` of one (output channel, group) causes over those tokens is
+    ``Δ · X_gᵀX_g · Δᵀ``, so the clip search can score a candidate on every calibration token at a cost that does
+    not grow with the number of tokens.
+    """
+    xg = x.float().reshape(x.shape[0], -1, group_size).transpose(0, 1)  # [groups, T, G]
+    return torch.bmm(xg.transpose(1, 2), xg)
+
+
+def _group_errors(delta: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """``Δ_ng · H_g · Δ_ngᵀ`` for every output channel ``n`` and group ``g``: ``[N, groups]``."""
+    d = delta.transpose(0, 1)  # [groups, N, G]
+    return (torch.bmm(d, gram) * d).sum(-1).transpose(0, 1)
+
+
+def _quantize_clipped(w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, zero_point: bool) -> torch.Tensor:
+    """Fake-quantized ``w`` ``[N, groups, G]`` after clamping each group to ``[lo, hi]``."""
+    n, groups, g = w.shape
+    clipped = torch.maximum(torch.minimum(w, hi.unsqueeze(-1)), lo.unsqueeze(-1))
+    return fake_quantize(clipped.reshape(n, groups * g), g, zero_point).reshape(n, groups, g)
+
+
 @torch.no_grad()
 def search_clip(
     weight: torch.Tensor,
-    x: torch.Tensor,
+    gram: torch.Tensor,
     group_size: int,
     zero_point: bool,
     n_grid: int = N_GRID,
     max_shrink: float = 0.5,
-    max_elems: int = 1 << 26,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Best clipping range per (output channel, group): ``(low, high, mean shrink)``.
 
-    With a zero point the range ``[r·min, r·max]`` shrinks towards zero from both sides; AutoAWQ clips to the
-    symmetric ``[-r·absmax, r·absmax]`` even then, which leaves the smaller side of a lopsided group untouched.
-    Without a zero point the range is symmetric, as the quantizer's is.
+    ``gram`` is :func:`block_gram` of the Linear's inputs. Candidates are scored by the output error they cause
+    over all of those tokens (AutoAWQ measures 512 tokens, with a broadcast over every candidate).
 
-    The output error of each group is computed as a batched matmul over groups (``[groups, tokens, out]``), far
-    faster on a CPU than AutoAWQ's broadcast-and-sum, and chunked over output channels to bound memory.
+    With a zero point the range is ``[r_lo·min, r_hi·max]``: first the best common shrink ``r`` (a grid of
+    ``n_grid·max_shrink`` steps down to ``1 - max_shrink``), then each end refined on its own with the other held —
+    a lopsided group often wants only one side clipped, which AutoAWQ's symmetric ``[-r·absmax, r·absmax]`` cannot
+    do. Without a zero point the range is symmetric, as the quantizer's is.
     """
     n_out, k = weight.shape
-    n_groups = k // group_size
-    w = weight.float()
-    xg = x.float().reshape(-1, n_groups, group_size).transpose(0, 1)  # [groups, T, G]
-    chunk = max(1, min(n_out, max_elems // max(1, n_groups * xg.shape[1])))
-    best_lo = torch.empty(n_out, n_groups, device=w.device)
-    best_hi = torch.empty(n_out, n_groups, device=w.device)
-    for start in range(0, n_out, chunk):
-        wc = w[start : start + chunk].reshape(-1, n_groups, group_size)  # [n, groups, G]
-        ref = torch.bmm(xg, wc.transpose(0, 1).transpose(1, 2))  # [groups, T, n]
-        if zero_point:
-            hi0, lo0 = wc.amax(dim=-1).clamp(min=0), wc.amin(dim=-1).clamp(max=0)
-        else:
-            hi0 = wc.abs().amax(dim=-1)
-            lo0 = -hi0
-        best_err = torch.full_like(hi0, float("inf"))
-        lo_best, hi_best = lo0.clone(), hi0.clone()
-        for i in range(int(max_shrink * n_grid)):
-            r = 1 - i / n_grid
-            lo, hi = lo0 * r, hi0 * r
-            clipped = torch.maximum(torch.minimum(wc, hi.unsqueeze(-1)), lo.unsqueeze(-1))
-            q = fake_quantize(clipped.reshape(-1, k), group_size, zero_point).reshape(-1, n_groups, group_size)
-            out = torch.bmm(xg, q.transpose(0, 1).transpose(1, 2))
-            err = (out - ref).pow(2).mean(dim=1).transpose(0, 1)  # [n, groups]
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            lo_best = torch.where(better, lo, lo_best)
-            hi_best = torch.where(better, hi, hi_best)
-        best_lo[start : start + chunk] = lo_best
-        best_hi[start : start + chunk] = hi_best
-        del ref
-    span = w.reshape(n_out, n_groups, group_size).amax(-1) - w.reshape(n_out, n_groups, group_size).amin(-1)
-    shrink = 1 - ((best_hi - best_lo) / span.clamp(min=1e-12)).clamp(max=1).mean().item()
-    return best_lo, best_hi, shrink
+    w = weight.float().reshape(n_out, k // group_size, group_size)
+    gram = gram.to(w.device, torch.float32)
+    if zero_point:
+        hi0, lo0 = w.amax(dim=-1).clamp(min=0), w.amin(dim=-1).clamp(max=0)
+    else:
+        hi0 = w.abs().amax(dim=-1)
+        lo0 = -hi0
+    ratios = [1 - i / n_grid for i in range(int(max_shrink * n_grid))]
+    best_err = torch.full_like(hi0, float("inf"))
+    r_lo, r_hi = torch.ones_like(hi0), torch.ones_like(hi0)
+
+    def consider(cand_lo: torch.Tensor, cand_hi: torch.Tensor) -> None:
+        nonlocal best_err, r_lo, r_hi
+        err = _group_errors(_quantize_clipped(w, lo0 * cand_lo, hi0 * cand_hi, zero_point) - w, gram)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        r_lo, r_hi = torch.where(better, cand_lo, r_lo), torch.where(better, cand_hi, r_hi)
+
+    for r in ratios:  # common shrink
+        consider(torch.full_like(hi0, r), torch.full_like(hi0, r))
+    if zero_point:  # then each end on its own
+        for r in ratios:
+            consider(r_lo.clone(), torch.full_like(hi0, r))
+        for r in ratios:
+            consider(torch.full_like(hi0, r), r_hi.clone())
+    low, high = lo0 * r_lo, hi0 * r_hi
+    span = (hi0 - lo0).clamp(min=1e-12)
+    shrink = 1 - ((high - low) / span).clamp(max=1).mean().item()
+    return low, high, shrink
 
 
 @torch.no_grad()
