@@ -40,7 +40,10 @@ from awqkit.kernels.dispatch import Config, pick_config, run_config  # noqa: E40
 from awqkit.nn import AWQLinear  # noqa: E402
 
 SHAPES = [("qkv", 3584, 4608), ("o", 3584, 3584), ("gate_up", 3584, 37888), ("down", 18944, 3584)]
-EXTRA_SHAPES = [("llama8b_gate_up", 4096, 28672), ("llama8b_o", 4096, 4096)]  # generality check, not tuned on
+EXTRA_SHAPES = [  # generality check, not tuned on (Llama-3-8B)
+    ("llama8b_qkv", 4096, 6144), ("llama8b_o", 4096, 4096),
+    ("llama8b_gate_up", 4096, 28672), ("llama8b_down", 14336, 4096),
+]  # fmt: skip
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
 GROUP = 128
 ROTATE_BYTES = 150e6
@@ -153,6 +156,11 @@ CHECK_PATHS = [
     ("gemm_dq0", Config("gemm", block_m=64, block_n=128, block_k=64, num_warps=4, stages=3, swap=False, dq=0)),
     ("gemm_dq0_swap", Config("gemm", block_m=64, block_n=128, block_k=64, num_warps=4, stages=3, dq=0)),
     ("dequant", Config("dequant")),
+    ("planes_w1", Config("gemm", block_m=16, block_n=128, block_k=64, split_k=3, num_warps=1, stages=3, dq=3)),
+    ("planes_w2", Config("gemm", block_m=16, block_n=256, block_k=64, split_k=2, num_warps=2, stages=2, dq=3)),
+    ("planes_w4", Config("gemm", block_m=16, block_n=512, block_k=128, split_k=1, num_warps=4, stages=4, dq=3)),
+    ("planes_fold_w2", Config("gemm", block_m=32, block_n=256, block_k=64, split_k=3, num_warps=2, stages=3, dq=4)),
+    ("planes_fold_w8", Config("gemm", block_m=64, block_n=512, block_k=64, split_k=2, num_warps=8, stages=3, dq=4)),
 ]
 
 
@@ -245,19 +253,38 @@ def check_graph_capture(log) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------- sweeps
-SWEEP_MS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 1024)
+SWEEP_MS = (16, 64, 4, 32, 2, 8)  # most important first: a deadline cuts the tail
 
 
-def sweep_jobs(shapes, sms: int) -> list[tuple]:
-    """(name, K, N, M, Config, label): GEMV variants at M = 1, 2, 4 (earlier sweeps: docs/kernels-notes.md)."""
+def v5_config(m: int, n: int, k: int, group_size: int, sms: int) -> Config:
+    """The dispatcher of v5 (run 9: split-K to ~2 programs per SM, 64-row tiles for long K at M = 33-64), kept so
+    that a sweep times the one-wave split rule of :func:`pick_config` against it in the same run."""
+    from awqkit.kernels.dispatch import planes_config
+
+    wide = n >= 16384
+    if m == 1 or (m == 2 and wide) or (32 < m <= 64 and wide) or (m > 64 and not (m <= 128 and wide)):
+        return pick_config(m, n, k, group_size, sms)  # unchanged paths (GEMV, v3 kernel, dequant)
+    if m <= 16:
+        return planes_config(m, n, k, group_size, sms, fold=False, block_m=16, bn8=32, warps=2, pps=2, stages=2)
+    fold32 = planes_config(m, n, k, group_size, sms, fold=True, block_m=32, bn8=32, warps=2, pps=2 if m <= 64 else 1)
+    if m <= 32 or m > 64:
+        return fold32
+    fold64 = planes_config(m, n, k, group_size, sms, fold=True, block_m=64, bn8=64, warps=8, pps=1)
+    return fold64 if k // fold64.block_k // fold64.split_k >= 8 else fold32
+
+
+def sweep_jobs(shapes, sms: int, ms=SWEEP_MS) -> list[tuple]:
+    """(name, K, N, M, Config, label): v5's split rule against the one-wave rule of :func:`pick_config`, each timed
+    twice in the order v5, wave, v5, wave (the spread between the two timings of one config is the noise)."""
     jobs = []
     for name, k, n in shapes:
-        for m in (1, 2, 4):
-            for bn, w in [(256, 1), (512, 1), (512, 2), (1024, 2)]:
-                for pps in (4, 8, 12, 16, 24):
-                    split = max(1, min(k // (32 * m), triton.cdiv(pps * sms, triton.cdiv(n, bn))))
-                    cfg = Config("gemv", block_n=bn, split_k=split, num_warps=w, rows=8)
-                    jobs.append((name, k, n, m, cfg, f"gemv bn{bn} w{w} r8 pps{pps}"))
+        for m in ms:
+            old, new = v5_config(m, n, k, GROUP, sms), pick_config(m, n, k, GROUP, sms)
+            if old == new:
+                continue
+            for _ in range(2):
+                jobs.append((name, k, n, m, old, "v5"))
+                jobs.append((name, k, n, m, new, "wave"))
     return jobs
 
 
@@ -283,15 +310,16 @@ def sweep(jobs, log, deadline: float) -> list[dict]:
     by_shape = {}
     for j in jobs:
         by_shape.setdefault((j[0], j[1], j[2]), []).append(j)
-    for (name, k, n), js in by_shape.items():
+    for i, ((name, k, n), js) in enumerate(by_shape.items()):
+        shape_deadline = time.time() + (deadline - time.time()) / (len(by_shape) - i)  # equal share per shape
         qw, qz, sc = random_awq(k, n, GROUP)
         ncopy = copies_for(weight_bytes(k, n, GROUP))
         copies = [(qw, qz, sc)] + [(qw.clone(), qz.clone(), sc.clone()) for _ in range(ncopy - 1)]
         xs = {}
-        best = {}
+        best, base = {}, {}
         for _, _, _, m, cfg, label in js:
-            if time.time() > deadline:
-                log("  sweep: deadline reached, stopping")
+            if time.time() > shape_deadline:
+                log(f"  sweep {name}: deadline reached, stopping")
                 break
             x = xs.setdefault(m, torch.randn(m, k, device=DEV, dtype=torch.bfloat16))
             try:
@@ -300,10 +328,14 @@ def sweep(jobs, log, deadline: float) -> list[dict]:
             except Exception as e:  # a config that does not compile (e.g. too much shared memory) is skipped
                 log(f"  sweep {name} M={m} {label}: {type(e).__name__}: {str(e)[:120]}")
                 continue
-            out.append(dict(name=name, K=k, N=n, M=m, label=label, us=us))
-            best[m] = min(best.get(m, (float("inf"), "")), (us, label))
+            out.append(dict(name=name, K=k, N=n, M=m, label=label, us=us, config=str(cfg)))
+            if label == "v5":
+                base[m] = min(base.get(m, float("inf")), us)
+            else:
+                best[m] = min(best.get(m, (float("inf"), "")), (us, label))
         for m, (us, label) in sorted(best.items()):
-            log(f"  sweep {name:8s} M={m:5d} best {us:9.2f} us  {label}")
+            v5 = base.get(m, float("nan"))
+            log(f"  sweep {name:16s} M={m:5d} v5 {v5:8.2f}  best {us:8.2f} us  x{v5 / us:4.2f}  {label}")
         del copies
         torch.cuda.empty_cache()
     return out
@@ -425,7 +457,7 @@ def main() -> int:
     sms = sm_count(torch.device(DEV))
     ms = [int(v) for v in args.ms.split(",")]
     shapes = SHAPES + (EXTRA_SHAPES if args.extra_shapes else [])
-    jobs = sweep_jobs(SHAPES, sms) if args.sweep else []
+    jobs = sweep_jobs(shapes, sms) if args.sweep else []
     # compile everything the run will time in parallel processes first (Triton's disk cache is shared), and run
     # the correctness checks there too: compilation, not the GPU, is the long part of a fresh machine's run
     configs = [(j[4], j[3]) for j in jobs]
@@ -445,14 +477,13 @@ def main() -> int:
     copy_gbps = copy_bandwidth()
     log(f"device-to-device copy: {copy_gbps:.0f} GB/s (read + write)")
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
-    if args.sweep:
-        sw = sweep(jobs, log, time.time() + args.sweep_seconds)
-        with open(os.path.join(args.out, "kernels_sweep.json"), "w") as f:
-            json.dump(dict(**meta, group_size=GROUP, rows=sw), f)
-        log(f"sweep done at {time.time() - t_start:.0f} s")
     ok = checks_ok and graph_ok
     if not args.no_bench:
         rows = benchmark(shapes, ms, log)
+        bad = [r for r in rows if not r["awqkit_rel_err"] < 1.2e-2]
+        for r in bad:
+            log(f"  FAIL benchmark output {r['name']} M={r['M']} rel err {r['awqkit_rel_err']:.2e} {r['config']}")
+        ok &= not bad
         summary = summarize(rows, SHAPES, log)
         if args.extra_shapes:
             summarize(rows, EXTRA_SHAPES, log)
@@ -461,6 +492,11 @@ def main() -> int:
         with open(os.path.join(args.out, "kernels.json"), "w") as f:
             json.dump(doc, f, indent=1)
         plot(rows, SHAPES, os.path.join(args.out, "kernels_speedup.png"))
+    if args.sweep:  # after the benchmark (a deadline never cuts it): tuning data for the next version
+        sw = sweep(jobs, log, time.time() + args.sweep_seconds)
+        with open(os.path.join(args.out, "kernels_sweep.json"), "w") as f:
+            json.dump(dict(**meta, group_size=GROUP, rows=sw), f)
+        log(f"sweep done at {time.time() - t_start:.0f} s")
     log(f"total {time.time() - t_start:.0f} s; correctness {'OK' if ok else 'FAILED'}")
     return 0 if ok else 1
 

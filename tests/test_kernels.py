@@ -78,6 +78,21 @@ PATHS = {
     "gemm_dq0": (Config("gemm", block_m=16, block_n=64, block_k=32, split_k=2, swap=False, dq=0), 7, 128, 136),
     "gemm_dq0_swap": (Config("gemm", block_m=16, block_n=64, block_k=64, swap=True, dq=0), 33, 128, 72),
     "dequant_matmul": (Config("dequant"), 19, 128, 136),
+    # nibble-plane kernel: per-step correction (dq=3) and folded (q - z) s (dq=4); block_n = 8 x column blocks
+    "planes_corr_splitk": (
+        Config("gemm", block_m=16, block_n=128, block_k=64, split_k=2, num_warps=1, dq=3),
+        5,
+        256,
+        200,
+    ),
+    "planes_corr": (Config("gemm", block_m=16, block_n=256, block_k=64, split_k=1, num_warps=2, dq=3), 17, 128, 72),
+    "planes_fold_splitk": (
+        Config("gemm", block_m=32, block_n=128, block_k=64, split_k=3, num_warps=1, dq=4),
+        33,
+        256,
+        136,
+    ),
+    "planes_fold": (Config("gemm", block_m=64, block_n=512, block_k=32, split_k=1, num_warps=8, dq=4), 7, 128, 40),
 }
 
 
@@ -85,7 +100,9 @@ PATHS = {
 @pytest.mark.parametrize("path", list(PATHS))
 def test_every_path(path, dtype):
     cfg, m, k, n = PATHS[path]
-    g = {"gemv": 32, "gemv_splitk": 64, "gemm_one_plus": 64}.get(path, 32 if "dq0" in path else 128)
+    g = {"gemv": 32, "gemv_splitk": 64, "gemm_one_plus": 64, "planes_corr_splitk": 128, "planes_fold_splitk": 64}.get(
+        path, 32 if "dq0" in path or path.startswith("planes") else 128
+    )
     if k % g:
         g = 32
     _check(cfg, m, k, n, g, dtype, bias=path.endswith("swap") or path.startswith("gemv"))
@@ -96,6 +113,10 @@ def test_group_sizes(g):
     _check(Config("gemv", block_n=256, num_warps=1, rows=8, split_k=2), 1, 256, 40, g, torch.bfloat16, True, g)
     _check(Config("gemm", block_m=16, block_n=64, split_k=2), 3, 256, 56, g, torch.float16, False, g)
     _check(Config("gemm", block_m=16, block_n=64, block_k=64, dq=0), 2, 256, 56, g, torch.bfloat16, True, g)
+    _check(Config("gemm", block_m=16, block_n=128, block_k=64, split_k=2, num_warps=1, dq=3), 4, 256, 72, g,
+           torch.bfloat16, True, g)  # fmt: skip
+    _check(Config("gemm", block_m=32, block_n=128, block_k=64, split_k=2, num_warps=1, dq=4), 9, 256, 72, g,
+           torch.float16, False, g)  # fmt: skip
 
 
 def test_dequantize_matches_format():
@@ -135,6 +156,14 @@ def test_dispatch_rules():
     """Every M bucket maps to a kernel; the shapes are arbitrary (no lookup table) and N may be odd."""
     kinds = {pick_config(m, 3592, 4096, 128, 132).kernel for m in (1, 2, 4, 8, 16, 32, 64, 128, 4096)}
     assert kinds == {"gemv", "gemm", "dequant"}
+    for m in (2, 5, 16, 17, 40, 64, 100):  # split-K slices keep >= 4 whole steps of one group; programs: one wave
+        for k, n, g in [(3584, 4608, 128), (18944, 3584, 128), (4096, 28672, 64), (512, 1000, 32), (14336, 4096, 128)]:
+            cfg = pick_config(m, n, k, g, 132)
+            if cfg.kernel == "gemm" and cfg.dq >= 3:
+                assert g % cfg.block_k == 0 and cfg.split_k <= max(1, k // cfg.block_k // 4), (m, k, n, g, cfg)
+                tiles = -(-n // cfg.block_n) * -(-m // cfg.block_m)
+                slots = 132 * (8 // cfg.num_warps)
+                assert cfg.split_k == 1 or tiles * cfg.split_k <= slots, (m, k, n, g, cfg)
     cfg = pick_config(1, 1000, 256, 64, 132)
     assert cfg.kernel == "gemv" and cfg.split_k >= 1
 

@@ -7,7 +7,7 @@ Interface used by :class:`awqkit.nn.AWQLinear`:
 * :func:`awq_linear` — ``y = x @ W (+ bias)`` for ``x [..., K]`` in fp16 or bf16, output in ``x``'s dtype.
 
 Lower level, for tests and benchmarks: :func:`awq_matmul` (dispatch by M), :func:`gemv`, :func:`gemm`,
-:func:`dequantize` / :func:`dequant_matmul`, :func:`pick_config` / :func:`run_config`.
+:func:`gemm_planes`, :func:`dequantize` / :func:`dequant_matmul`, :func:`pick_config` / :func:`run_config`.
 
 The kernels read the AutoAWQ tensors as they are: no repacked copy is made (a repack would double the weight
 memory while the checkpoint tensors must stay in the module, and the unpacking trick in :mod:`.common` already makes
@@ -37,7 +37,7 @@ def available() -> bool:
 
 from awqkit.kernels.dequant import dequant_matmul, dequantize  # noqa: E402
 from awqkit.kernels.dispatch import Config, awq_matmul, pick_config, run_config  # noqa: E402
-from awqkit.kernels.gemm import gemm  # noqa: E402
+from awqkit.kernels.gemm import gemm, gemm_planes  # noqa: E402
 from awqkit.kernels.gemv import gemv  # noqa: E402
 
 
@@ -81,6 +81,7 @@ __all__ = [
     "dequant_matmul",
     "dequantize",
     "gemm",
+    "gemm_planes",
     "gemv",
     "pick_config",
     "prepare",

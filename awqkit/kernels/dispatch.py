@@ -4,10 +4,11 @@ No shape tables: the rules below come from the H100 sweeps recorded in docs/kern
 of how much work each program gets and how many programs the GPU needs to stay busy, so they carry over to shapes
 that were never measured.
 
-* ``M == 1``, or ``M <= GEMV_MAX_M`` on wide layers: CUDA-core split-K GEMV (:mod:`.gemv`) — the pass over the
-  weight is all that matters.
-* ``M <= SPLITK_MAX_M``: tensor-core GEMM with split-K (:mod:`.gemm`), one row tile, as many K slices as it takes
-  to give every SM a few programs.
+* ``M == 1`` (and ``M == 2`` on wide layers): CUDA-core split-K GEMV (:mod:`.gemv`) — the pass over the weight is
+  all that matters.
+* up to ``SPLITK_MAX_M`` (and to 128 on wide layers): tensor-core GEMM with split-K, mostly the nibble-plane kernel
+  (:func:`.gemm.gemm_planes`), split along K so that its programs fill one wave of resident programs
+  (:func:`wave_split`).
 * beyond: dequantize to the activation dtype + cuBLAS (:mod:`.dequant`); the fused kernel with large tiles
   (``gemm(..., block_m=128)``) exists and is correct but measured slower than cuBLAS on the dequantized weight.
 """
@@ -23,7 +24,6 @@ import triton
 from awqkit.kernels import dequant, gemm, gemv
 from awqkit.kernels.common import sm_count
 
-GEMV_MAX_M = 4
 SPLITK_MAX_M = 64
 
 
@@ -39,8 +39,11 @@ class Config:
     num_warps: int = 4
     stages: int = 1
     swap: bool = True
-    dq: int = 1  # GEMM dequantization: 1 = "1 + q/16" form (block_k = group size), 0 = (q - z) * s per weight
+    dq: int = 1  # GEMM dequantization: 1 = "1 + q/16" form (block_k = group size), 0 = (q - z) * s per weight,
+    # 3 = nibble-plane kernel with the per-step fp32 correction, 4 = nibble-plane kernel with (q - z) s folded
+    # into the A operand (gemm.gemm_planes; block_n = 8 x column blocks)
     rows: int = 8  # GEMV: rows loaded ahead
+    maxnreg: int = 0  # nibble-plane kernel: register cap per thread (0 = compiler's choice)
 
 
 def _split_for(tiles: int, k_steps: int, sms: int, programs_per_sm: int) -> int:
@@ -49,18 +52,80 @@ def _split_for(tiles: int, k_steps: int, sms: int, programs_per_sm: int) -> int:
     return max(1, min(want, k_steps))
 
 
+# Resident warps per SM of the nibble-plane kernel: ~250 registers per thread (ptxas report, every tile of runs
+# 7-9; the allocator rounds to 256) x 32 lanes = 8192 of the SM's 65536 registers per warp -> 8 warps. A program of
+# ``w`` warps thus has 8 // w resident slots per SM; shared memory (2-3 stages of a <= 16 KB words tile) is not the
+# limit for any tile the dispatcher picks.
+PLANES_WARPS_PER_SM = 8
+# Fewest K steps a split-K program keeps (the cp.async pipeline needs steps to overlap; run 9: qkv slower at 2).
+MIN_STEPS_PER_PROGRAM = 4
+
+
+def wave_split(tiles: int, steps: int, sms: int, resident_per_sm: int, min_steps: int = MIN_STEPS_PER_PROGRAM) -> int:
+    """K slices so that ``tiles * split`` programs fill at most ONE wave of resident programs, as fully as it can.
+
+    ``split = floor(sms * resident_per_sm / tiles)``: the largest split whose programs all run at once (a second,
+    partial wave costs a whole program's time: run 9, gate_up M = 16: 444 CTAs in 528 slots 51.2 us, 296 CTAs 59.8,
+    592 CTAs 62.3), capped so that every program keeps ``min_steps`` K steps. Shapes with more tiles than slots get
+    no split."""
+    slots = sms * max(1, resident_per_sm)
+    split = max(1, slots // max(1, tiles))
+    return max(1, min(split, steps // min_steps))
+
+
+def planes_config(
+    m: int,
+    n: int,
+    k: int,
+    group_size: int,
+    sms: int,
+    *,
+    fold: bool,
+    block_m: int,
+    bn8: int,
+    warps: int,
+    pps: float = 0,
+    stages: int = 3,
+    block_k: int = 64,
+    maxnreg: int = 0,
+) -> Config:
+    """A nibble-plane launch (:func:`gemm.gemm_planes`), split along K by :func:`wave_split` (one wave of
+    ``PLANES_WARPS_PER_SM // warps`` programs per SM); ``pps > 0`` instead asks for ~``pps`` programs per SM with
+    >= 2 K steps each (v5's rule, kept for sweeps).
+
+    ``bn8`` AutoAWQ column blocks (8 outputs each) per program: 16 per warp keeps one warp's MMA rows its own (16
+    rows per warp for mma.sync, 64 per warpgroup for wgmma), so no warp unpacks a plane another warp also unpacks."""
+    block_k = min(block_k, group_size)
+    steps = max(1, k // block_k)
+    tiles = triton.cdiv(n // 8, bn8) * triton.cdiv(m, block_m)
+    if pps > 0:
+        split = max(1, min(triton.cdiv(int(pps * sms), tiles), steps // 2))
+    else:
+        resident = max(1, PLANES_WARPS_PER_SM // warps) if not maxnreg else max(1, 65536 // (maxnreg * 32 * warps))
+        split = wave_split(tiles, steps, sms, resident)
+    return Config("gemm", block_m=block_m, block_n=8 * bn8, block_k=block_k, split_k=split, num_warps=warps,
+                  stages=stages, dq=4 if fold else 3, maxnreg=maxnreg)  # fmt: skip
+
+
 @functools.lru_cache(maxsize=4096)
 def pick_config(m: int, n: int, k: int, group_size: int, sms: int) -> Config:
     """The configuration for ``[m, k] @ [k, n]`` at ``group_size`` on a GPU with ``sms`` multiprocessors.
 
-    Rules (H100 sweeps, docs/kernels-notes.md): the GEMV wants ~24 warps per SM of independent row streams, so
-    narrow layers are split along K (down to parts of a group) until they have them, with the fp32 partials capped
-    at a quarter of the weight bytes; wide layers (N >= 16K) use 1024-column, 2-warp programs. The tensor-core
-    kernels want 2-4 programs per SM. Past M = 64 dequantize + cuBLAS wins.
+    Rules (H100 sweeps, docs/kernels-notes.md, runs 7-10):
+
+    * M = 1 (and M = 2 on wide layers): the CUDA-core split-K GEMV (~24 warps per SM of independent row streams;
+      narrow layers split along K down to parts of a group, wide ones use 1024-column programs).
+    * M <= 16: nibble-plane tensor-core kernel with the per-step fp32 scale/zero correction, one 16-row tile,
+      256 columns and 2 warps per program (4 resident per SM), split along K to fill one wave of resident programs
+      with >= 4 K steps each (:func:`wave_split`).
+    * M <= 32: the same kernel with ``(q - z) s`` folded into the operand (the correction's cost grows with the
+      row tile), 32-row tiles.
+    * M <= 64: wide layers keep v3's cp.async ``(q - z) s`` kernel (64x64 tiles); narrow ones use the folded
+      nibble-plane kernel with 32-row tiles (one-wave split).
+    * M <= 128 on wide layers: folded nibble-plane kernel, 32-row tiles; otherwise dequantize + cuBLAS.
     """
-    groups = k // group_size
     wide = n >= 16384
-    if m <= 2 or (m <= GEMV_MAX_M and wide):
+    if m == 1 or (m == 2 and wide):
         if m == 1:
             block_n, warps, pps = (1024, 2, 12) if wide else (256, 1, 24)
         else:  # per-row accumulators double the registers: half-width programs
@@ -69,14 +134,18 @@ def pick_config(m: int, n: int, k: int, group_size: int, sms: int) -> Config:
         split = max(1, min(split, k // (32 * m)))  # workspace <= weight bytes / 4
         return Config("gemv", block_n=block_n, split_k=split, num_warps=warps, rows=8)
     if m <= 16:
-        tiles = triton.cdiv(n, 128)
-        return Config("gemm", block_m=16, block_n=128, split_k=_split_for(tiles, groups, sms, 3), num_warps=4)
+        return planes_config(m, n, k, group_size, sms, fold=False, block_m=16, bn8=32, warps=2, stages=2)
+    fold32 = planes_config(m, n, k, group_size, sms, fold=True, block_m=32, bn8=32, warps=2)
+    if m <= 32:
+        return fold32
     if m <= SPLITK_MAX_M:
-        # the (q - z) * s form with a cp.async pipeline measured faster than 1 + q/16 here (notes: run 1 vs run 2)
-        block_m = 32 if m <= 32 else 64
-        tiles = triton.cdiv(m, block_m) * triton.cdiv(n, 64)
-        return Config("gemm", block_m=block_m, block_n=64, block_k=128, split_k=_split_for(tiles, k // 128, sms, 2),
-                      num_warps=4, stages=4, swap=block_m == 32, dq=0)  # fmt: skip
+        if wide:  # v3's kernel: unpacks the weight once per 64-row tile (the plane kernel twice); N fills the GPU
+            tiles = triton.cdiv(m, 64) * triton.cdiv(n, 64)
+            return Config("gemm", block_m=64, block_n=64, block_k=128, split_k=_split_for(tiles, k // 128, sms, 2),
+                          num_warps=4, stages=4, swap=False, dq=0)  # fmt: skip
+        return fold32  # run 9: the 64-row 8-warp tile was slower on every shape (down 58.9 vs 51.2 us)
+    if m <= 128 and wide:
+        return fold32
     return Config("dequant")
 
 
@@ -94,6 +163,12 @@ def run_config(
         return gemv.gemv(
             x, qweight, qzeros, scales, group_size, bias,
             block_n=cfg.block_n, rows=min(cfg.rows, group_size), split_k=cfg.split_k, num_warps=cfg.num_warps,
+        )  # fmt: skip
+    if cfg.kernel == "gemm" and cfg.dq >= 3:
+        return gemm.gemm_planes(
+            x, qweight, qzeros, scales, group_size, bias,
+            block_m=cfg.block_m, block_n=cfg.block_n, block_k=min(cfg.block_k, group_size), split_k=cfg.split_k,
+            num_warps=cfg.num_warps, stages=cfg.stages, fold=cfg.dq == 4, maxnreg=cfg.maxnreg,
         )  # fmt: skip
     if cfg.kernel == "gemm":
         block_k = cfg.block_k

@@ -9,6 +9,13 @@ SMs; the fp32 partials then go through the same workspace + :func:`~awqkit.kerne
 ``SWAP`` computes ``(W^T x^T)^T`` instead: the dequantized tile becomes the left operand, which Hopper's wgmma can
 take straight from registers (the right operand must sit in shared memory), saving a shared-memory round trip of
 the dequantized weight. Which one wins is measured (see docs/kernels-notes.md).
+
+:func:`gemm_planes` (v5, the default for 2 <= M <= 32 and narrow layers up to M = 64) avoids unpacking into a
+``[BK, BN]`` tile altogether: AutoAWQ's nibble ``c`` of every word of a ``[BK, BN/8]`` tile is output column
+``8 j + (0, 2, 4, 6, 1, 3, 5, 7)[c]``, so the tile is eight "nibble planes", each an elementwise function of the
+loaded words, each multiplied by ``x`` in its own small MMA (A operand built in registers with one PRMT, an optional
+shift and one LOP3 per two weights; no layout conversion of the unpacked weight, the words tile is staged by the
+cp.async pipeline once). The planes are interleaved back into natural column order once, in the epilogue.
 """
 
 from __future__ import annotations
@@ -164,6 +171,268 @@ def gemm(
         G=group_size, BM=block_m, BN=block_n, BK=block_k, GROUP_M=group_m, STAGES=stages, SWAP=swap,
         TO_WORKSPACE=split_k > 1, HAS_BIAS=bias is not None, DOT_F32=interpreting(), DQ=dq,
         ASM=not interpreting(), num_warps=num_warps,
+    )  # fmt: skip
+    if split_k > 1:
+        reduce_splits(dest, out, bias)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- nibble-plane kernel
+@triton.jit
+def _nibble_pairs(w, C: tl.constexpr, F16: tl.constexpr):
+    """Nibble ``C`` of each word of ``w`` as ``BASE + q`` in bf16 (``F16``: fp16). One PRMT takes the nibble's byte from
+    two words (the two elements an asm instance gets: rows ``k``, ``k + 1`` of an A fragment), a shift brings a high
+    nibble down, one LOP3 masks both nibbles and ORs the exponent (bf16 0x4300 = 128, fp16 0x6400 = 1024).
+    Generated branches: Triton needs the asm text as a literal."""
+    if C == 0:
+        if F16:
+            asm: tl.constexpr = (
+                "{ .reg .b32 t; prmt.b32 t, $1, $2, 0x400; lop3.b32 $0, t, 0x000F000F, 0x64006400, 0xEA; }"
+            )
+        else:
+            asm: tl.constexpr = (
+                "{ .reg .b32 t; prmt.b32 t, $1, $2, 0x400; lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xEA; }"
+            )
+    elif C == 1:
+        if F16:
+            asm: tl.constexpr = (
+                "{ .reg .b32 t; prmt.b32 t, $1, $2, 0x400; shr.b32 t, t, 4; "
+                "lop3.b32 $0, t, 0x000F000F, 0x64006400, 0xEA; }"
+            )
+        else:
+            asm: tl.constexpr = (
+                "{ .reg .b32 t; prmt.b32 t, $1, $2, 0x400; shr.b32 t, t, 4; "
+                "lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xEA; }"
+            )
+    elif C == 2:
+        if F16:
+            asm: tl.constexpr = (
+                "{ .reg .b32 t; prmt.b32 t, $1, $2, 0x501; lop3.b32 $0, t, 0x000F000F, 0x64006400, 0xEA; }"
+            )
+        else:
+            asm: tl.constexpr = (
+                "{ .reg .b32 t; prmt.b32 t, $1, $2, 0x501; lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xEA; }"
+            )
+    elif C == 3:
+        if F16:
+            asm: tl.constexpr = (
+                "{ .reg .b32 t; prmt.b32 t, $1, $2, 0x501; shr.b32 t, t, 4; "
+                "lop3.b32 $0, t, 0x000F000F, 0x64006400, 0xEA; }"
+            )
+        else:
+            asm: tl.constexpr = (
+                "{ .reg .b32 t; prmt.b32 t, $1, $2, 0x501; shr.b32 t, t, 4; "
+                "lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xEA; }"
+            )
+    elif C == 4:
+        if F16:
+            asm: tl.constexpr = (
+                "{ .reg .b32 t; prmt.b32 t, $1, $2, 0x602; lop3.b32 $0, t, 0x000F000F, 0x64006400, 0xEA; }"
+            )
+        else:
+            asm: tl.constexpr = (
+                "{ .reg .b32 t; prmt.b32 t, $1, $2, 0x602; lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xEA; }"
+            )
+    elif C == 5:
+        if F16:
+            asm: tl.constexpr = (
+                "{ .reg .b32 t; prmt.b32 t, $1, $2, 0x602; shr.b32 t, t, 4; "
+                "lop3.b32 $0, t, 0x000F000F, 0x64006400, 0xEA; }"
+            )
+        else:
+            asm: tl.constexpr = (
+                "{ .reg .b32 t; prmt.b32 t, $1, $2, 0x602; shr.b32 t, t, 4; "
+                "lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xEA; }"
+            )
+    elif C == 6:
+        if F16:
+            asm: tl.constexpr = (
+                "{ .reg .b32 t; prmt.b32 t, $1, $2, 0x703; lop3.b32 $0, t, 0x000F000F, 0x64006400, 0xEA; }"
+            )
+        else:
+            asm: tl.constexpr = (
+                "{ .reg .b32 t; prmt.b32 t, $1, $2, 0x703; lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xEA; }"
+            )
+    elif C == 7:
+        if F16:
+            asm: tl.constexpr = (
+                "{ .reg .b32 t; prmt.b32 t, $1, $2, 0x703; shr.b32 t, t, 4; "
+                "lop3.b32 $0, t, 0x000F000F, 0x64006400, 0xEA; }"
+            )
+        else:
+            asm: tl.constexpr = (
+                "{ .reg .b32 t; prmt.b32 t, $1, $2, 0x703; shr.b32 t, t, 4; "
+                "lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xEA; }"
+            )
+    else:
+        asm: tl.constexpr = ""
+    if F16:
+        f = tl.inline_asm_elementwise(asm, "=r,r,r", [w], dtype=tl.float16, is_pure=True, pack=2)
+    else:
+        f = tl.inline_asm_elementwise(asm, "=r,r,r", [w], dtype=tl.bfloat16, is_pure=True, pack=2)
+    return f
+
+
+@triton.jit
+def _sub_mul_pairs(f, z, s, F16: tl.constexpr):
+    """``(f - z) * s`` on bf16x2/f16x2 pairs (``f - z`` is an exact small integer; one rounding in the product)."""
+    if F16:
+        r = tl.inline_asm_elementwise("{ .reg .b32 t; sub.rn.f16x2 t, $1, $2; mul.rn.f16x2 $0, t, $3; }", "=r,r,r,r",
+                                      [f, z, s], dtype=tl.float16, is_pure=True, pack=2)  # fmt: skip
+    else:
+        r = tl.inline_asm_elementwise("{ .reg .b32 t; sub.rn.bf16x2 t, $1, $2; mul.rn.bf16x2 $0, t, $3; }", "=r,r,r,r",
+                                      [f, z, s], dtype=tl.bfloat16, is_pure=True, pack=2)  # fmt: skip
+    return r
+
+
+@triton.jit
+def _plane(acc, w, xt, sx, zw, s_ptr, g, offs_j, mask_j, N, C: tl.constexpr, BASE: tl.constexpr,
+           ASM: tl.constexpr, DOT_F32: tl.constexpr, FOLD: tl.constexpr):  # fmt: skip
+    """One nibble plane: columns ``8 j + COL`` of the tile, ``acc += s (x @ (BASE + q) - (BASE + z) sum x)``.
+
+    ``w [BN8, BK]`` holds whole AutoAWQ words (column block ``j``, input row ``k``); nibble ``C`` of every word is
+    output column ``8 j + COL`` with ``COL = (0, 2, 4, 6, 1, 3, 5, 7)[C]``. The plane is an elementwise function of
+    ``w``, so the words tile is loaded (and, with ``STAGES >= 2``, staged in shared memory) once and read from
+    registers eight times: no interleave, no per-element re-read. On the GPU two words (rows ``k``, ``k + 1`` of
+    one thread's A fragment) become one bf16x2/f16x2 register with a PRMT that picks the nibble's byte of each, an
+    optional 4-bit shift, and a LOP3 that ORs the exponent of ``BASE`` (128 for bf16, 1024 for fp16: ``BASE + q``
+    is exact, the nibble lands in the low mantissa bits).
+    """
+    COL: tl.constexpr = 2 * (C % 4) + C // 4
+    if ASM:
+        f = _nibble_pairs(w, C, BASE == 1024.0)
+    else:
+        f = ((w >> (4 * C)) & 0xF).to(tl.float32) + BASE
+        if not DOT_F32:
+            f = f.to(xt.dtype)
+    zc = ((zw >> (4 * C)) & 0xF).to(tl.float32) + BASE
+    sc = tl.load(s_ptr + g * N + offs_j * 8 + COL, mask=mask_j, other=0.0).to(tl.float32)
+    if FOLD:  # w = (q - z) s in the activation dtype, MMA accumulates across steps: no per-output correction
+        if ASM:
+            a = _sub_mul_pairs(f, zc.to(xt.dtype)[:, None], sc.to(xt.dtype)[:, None], BASE == 1024.0)
+        else:
+            a = (f.to(tl.float32) - zc[:, None]) * sc[:, None]
+            if BASE == 128.0:  # one rounding to the activation dtype, like the GPU's bf16x2/f16x2 product
+                a = a.to(tl.bfloat16)
+            else:
+                a = a.to(tl.float16)
+            if DOT_F32:
+                a = a.to(tl.float32)
+        return tl.dot(a, xt, acc)
+    d = tl.dot(f, xt)  # [BN8, BM] fp32
+    return acc + sc[:, None] * d - (sc * zc)[:, None] * sx[None, :]
+
+
+@triton.jit(do_not_specialize=["M", "stride_os"])
+def _gemm_planes_kernel(
+    x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, bias_ptr,
+    M, N, N8, K, k_split, stride_xm, stride_os, stride_om,
+    G: tl.constexpr, BM: tl.constexpr, BN8: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
+    TO_WORKSPACE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, ASM: tl.constexpr, FOLD: tl.constexpr,
+):  # fmt: skip
+    """Tensor-core W4A16 for small and medium M as eight nibble-plane products (``(W^T x^T)^T`` per plane).
+
+    A program owns ``BN8`` AutoAWQ column blocks (``8 * BN8`` outputs) and ``BM`` rows of ``x``; per step of ``BK``
+    rows (inside one group) it loads the ``[BK, BN8]`` words once and runs eight ``[BN8, BK] @ [BK, BM]`` dots, one
+    per nibble position, whose A operand is built in registers (1–1.5 instructions per weight, no layout
+    conversion of the unpacked tile). Scale and zero are applied per step and output element (fp32), so the MMA
+    sees the exact integers ``BASE + q``.
+    """
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_n = tl.cdiv(N8, BN8)
+    pid_n = pid % num_pid_n
+    pid_m = pid // num_pid_n
+    offs_j = pid_n * BN8 + tl.arange(0, BN8)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_k = tl.arange(0, BK)
+    mask_j = offs_j < N8
+    mask_m = offs_m < M
+    BASE: tl.constexpr = 128.0 if x_ptr.dtype.element_ty == tl.bfloat16 else 1024.0
+
+    k_begin = pid_k * k_split
+    k_end = tl.minimum(k_begin + k_split, K)
+    acc0 = tl.zeros([BN8, BM], dtype=tl.float32)
+    acc1 = tl.zeros([BN8, BM], dtype=tl.float32)
+    acc2 = tl.zeros([BN8, BM], dtype=tl.float32)
+    acc3 = tl.zeros([BN8, BM], dtype=tl.float32)
+    acc4 = tl.zeros([BN8, BM], dtype=tl.float32)
+    acc5 = tl.zeros([BN8, BM], dtype=tl.float32)
+    acc6 = tl.zeros([BN8, BM], dtype=tl.float32)
+    acc7 = tl.zeros([BN8, BM], dtype=tl.float32)
+    for k0 in tl.range(k_begin, k_end, BK, num_stages=STAGES):
+        w = tl.load(qw_ptr + (k0 + offs_k)[None, :] * N8 + offs_j[:, None], mask=mask_j[:, None], other=0)
+        xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + (k0 + offs_k)[:, None], mask=mask_m[None, :], other=0.0)
+        g = k0 // G
+        zw = tl.load(qz_ptr + g * N8 + offs_j, mask=mask_j, other=0)
+        if DOT_F32:  # Triton's CPU interpreter multiplies bf16 tiles wrongly; fp32 holds them exactly
+            xt = xt.to(tl.float32)
+        if FOLD:
+            sx = 0.0
+        else:
+            sx = tl.sum(xt.to(tl.float32), axis=0)
+        acc0 = _plane(acc0, w, xt, sx, zw, s_ptr, g, offs_j, mask_j, N, 0, BASE, ASM, DOT_F32, FOLD)
+        acc1 = _plane(acc1, w, xt, sx, zw, s_ptr, g, offs_j, mask_j, N, 1, BASE, ASM, DOT_F32, FOLD)
+        acc2 = _plane(acc2, w, xt, sx, zw, s_ptr, g, offs_j, mask_j, N, 2, BASE, ASM, DOT_F32, FOLD)
+        acc3 = _plane(acc3, w, xt, sx, zw, s_ptr, g, offs_j, mask_j, N, 3, BASE, ASM, DOT_F32, FOLD)
+        acc4 = _plane(acc4, w, xt, sx, zw, s_ptr, g, offs_j, mask_j, N, 4, BASE, ASM, DOT_F32, FOLD)
+        acc5 = _plane(acc5, w, xt, sx, zw, s_ptr, g, offs_j, mask_j, N, 5, BASE, ASM, DOT_F32, FOLD)
+        acc6 = _plane(acc6, w, xt, sx, zw, s_ptr, g, offs_j, mask_j, N, 6, BASE, ASM, DOT_F32, FOLD)
+        acc7 = _plane(acc7, w, xt, sx, zw, s_ptr, g, offs_j, mask_j, N, 7, BASE, ASM, DOT_F32, FOLD)
+
+    # interleave the planes back into natural column order (column 8 j + 2 i + h is plane i + 4 h) so that the
+    # store is one coalesced [8 BN8, BM] tile: eight strided plane stores measured up to 2.6x slower (runs 7-8)
+    t = tl.join(tl.join(tl.join(acc0, acc4), tl.join(acc1, acc5)), tl.join(tl.join(acc2, acc6), tl.join(acc3, acc7)))
+    t = tl.reshape(tl.permute(t, (0, 4, 3, 2, 1)), (8 * BN8, BM))  # [j, a, b, h, m] -> rows 8 j + 4 a + 2 b + h
+    offs_n = pid_n * (8 * BN8) + tl.arange(0, 8 * BN8)
+    mask = (offs_n < N)[:, None] & mask_m[None, :]
+    if TO_WORKSPACE:
+        tl.store(out_ptr + pid_k * stride_os + offs_m[None, :] * stride_om + offs_n[:, None], t, mask=mask)
+    else:
+        if HAS_BIAS:
+            t += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
+        tl.store(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None], t.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def gemm_planes(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+    *,
+    block_m: int = 16,
+    block_n: int = 256,
+    block_k: int = 128,
+    split_k: int = 1,
+    num_warps: int = 4,
+    stages: int = 2,
+    fold: bool = False,
+    maxnreg: int = 0,
+) -> torch.Tensor:
+    """``x [M, K] @ W (+ bias)`` with the nibble-plane tensor-core kernel (``block_n`` = 8 x column blocks).
+
+    ``block_k`` is capped at the group size (a step must lie inside one group). ``maxnreg`` caps the registers per
+    thread (more resident warps per SM at the price of some spills; 0 = the compiler's choice, ~255)."""
+    m, k = x.shape
+    n = scales.shape[1]
+    block_k = min(block_k, group_size)
+    assert group_size % block_k == 0 and k % block_k == 0 and x.stride(1) == 1, (block_k, group_size, k)
+    bn8 = block_n // 8
+    steps = k // block_k
+    split_k = max(1, min(split_k, steps))
+    k_split = triton.cdiv(steps, split_k) * block_k
+    split_k = triton.cdiv(k, k_split)
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    dest = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
+    grid = (triton.cdiv(n // 8, bn8) * triton.cdiv(m, block_m), split_k)
+    _gemm_planes_kernel[grid](
+        x, qweight, qzeros, scales, dest, bias if bias is not None else out,
+        m, n, n // 8, k, k_split, x.stride(0), m * n, n,
+        G=group_size, BM=block_m, BN8=bn8, BK=block_k, STAGES=stages,
+        TO_WORKSPACE=split_k > 1, HAS_BIAS=bias is not None, DOT_F32=interpreting(), ASM=not interpreting(),
+        FOLD=fold, num_warps=num_warps, **({"maxnreg": maxnreg} if maxnreg and not interpreting() else {}),
     )  # fmt: skip
     if split_k > 1:
         reduce_splits(dest, out, bias)
