@@ -194,6 +194,34 @@ def test_step_api(llama_engine):
         engine.abort(f"full{i}")
 
 
+def test_batched_prefill_in_scattered_slots(llama_engine):
+    """Prompts that join in slots 1 and 3 (0 and 2 busy decoding) prefill in one padded batch, exactly as alone."""
+    engine = llama_engine
+    p = [random_token_blocks(1, n, seed=20 + n)[0] for n in (6, 9, 14, 30)]
+    alone = [engine.generate([q], GREEDY)[0].token_ids for q in p]
+    long = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
+    for rid, prompt in zip("abcd", [p[0], p[1], p[0], p[1]]):
+        engine.add_request(rid, prompt, long)
+    tokens: dict[str, list[int]] = {}
+
+    def record(outputs):
+        for out in outputs:
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+        return {out.request_id for out in outputs}
+
+    record(engine.step())
+    engine.abort("b")
+    engine.abort("d")
+    engine.add_request("x", p[2], GREEDY)
+    engine.add_request("y", p[3], GREEDY)
+    # x (14 tokens) and y (30 tokens) prefill in one forward, rows padded to 30, while a and c decode
+    assert record(engine.step()) == {"a", "c", "x", "y"}
+    while engine.has_unfinished():
+        record(engine.step())
+    assert tokens["x"] == alone[2] and tokens["y"] == alone[3]
+    assert tokens["a"] == tokens["c"] == alone[0][:6]
+
+
 def test_stop_token_ids(llama_engine):
     prompt = random_token_blocks(1, 10, seed=4)[0]
     free = llama_engine.generate([prompt], GREEDY)[0].token_ids

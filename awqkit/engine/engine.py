@@ -3,9 +3,9 @@
 Each request owns one slot (a row of the KV cache) from ``add_request`` until it finishes or is aborted. A ``step``
 does two things, in the manner of vLLM's chunked prefill:
 
-1. prefill: up to ``prefill_chunk`` prompt tokens of the requests still reading their prompt (oldest first, one
-   forward per request, a long prompt spread over several steps). A request whose prompt is done gets its first
-   token here.
+1. prefill: up to ``prefill_chunk`` prompt tokens of the requests still reading their prompt (oldest first, in one
+   padded batch: several short prompts share one pass over the weights; a long prompt is spread over several steps).
+   A request whose prompt is done gets its first token here.
 2. decode: one token for every request that had one before the step, all in one batch (one CUDA-graph replay on GPU),
    whatever their lengths: rows are slots, lengths are positions.
 
@@ -293,20 +293,43 @@ class Engine:
         return outputs
 
     def _prefill(self, outputs: list[RequestOutput]) -> None:
-        budget = self.prefill_chunk
-        for req in list(self._requests.values()):
-            while budget > 0 and not req.decoding:
-                n = min(budget, len(req.prompt) - req.cached)
-                last = req.cached + n == len(req.prompt)
-                tokens = torch.tensor([req.prompt[req.cached : req.cached + n]], device=self.device)
-                positions = torch.arange(req.cached, req.cached + n, device=self.device)[None]
-                logits = self.model(tokens, positions, req.slot, req.cached + n, logits="last" if last else "none")
-                req.cached += n
-                budget -= n
-                if last:
-                    self._sample_and_append([req], logits, outputs)
-            if budget == 0:
-                return
+        """One forward over the next prompt chunks of as many prefilling requests as ``prefill_chunk`` allows.
+
+        Rows are padded to the longest chunk, and padding counts against the budget (``rows x longest``), so a
+        batch of short prompts shares one pass through the weights while a long prompt still goes in chunks.
+        """
+        batch: list[tuple[_Request, int]] = []
+        longest = 0
+        for req in self._requests.values():
+            if req.decoding:
+                continue
+            room = self.prefill_chunk // (len(batch) + 1)  # the longest chunk a batch one row larger can take
+            n = min(len(req.prompt) - req.cached, room if batch else self.prefill_chunk)
+            if n < 1 or (batch and (len(batch) + 1) * max(longest, n) > self.prefill_chunk):
+                break
+            batch.append((req, n))
+            longest = max(longest, n)
+        if not batch:
+            return
+        pad = self.max_model_len  # the cache's spare position (see Transformer.forward)
+        tokens = [r.prompt[r.cached : r.cached + n] + [0] * (longest - n) for r, n in batch]
+        positions = [list(range(r.cached, r.cached + n)) + [pad] * (longest - n) for r, n in batch]
+        kv_len = max(r.cached + n for r, n in batch)
+        done = [(i, r) for i, (r, n) in enumerate(batch) if r.cached + n == len(r.prompt)]
+        slots = batch[0][0].slot if len(batch) == 1 else torch.tensor([r.slot for r, _ in batch], device=self.device)
+        logits = self.model(
+            torch.tensor(tokens, device=self.device),
+            torch.tensor(positions, device=self.device),
+            slots,
+            kv_len,
+            logits="last" if done else "none",
+            last=torch.tensor([n - 1 for _, n in batch], device=self.device),
+        )
+        for req, n in batch:
+            req.cached += n
+        if done:
+            rows = torch.tensor([i for i, _ in done], device=self.device)
+            self._sample_and_append([r for _, r in done], logits[rows], outputs)
 
     def _sample_and_append(self, reqs: list[_Request], logits: torch.Tensor, outputs: list[RequestOutput]) -> None:
         tokens = self._sample(reqs, logits).tolist()
