@@ -87,6 +87,17 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def _allow_recompiles(limit: int = 64) -> None:
+    """Dynamo keeps one cache per function *code*, shared by every engine in the process, and recompiles for each
+    dtype, optional norm (None or a tensor), grad mode and size-1 specialisation; its default limit of 8 is reached
+    by the second or third model in one process and then ``fullgraph`` raises. Let it keep more."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, name, max(getattr(config, name), limit))
+
+
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     a, b = a.float(), b.float()
     return bool((a - b).abs().max() <= 0.02 * b.abs().max() + 1e-3)
@@ -96,6 +107,9 @@ class Ops:
     """The pointwise functions a model uses: compiled (fused kernels) or eager."""
 
     def __init__(self, compile: bool) -> None:
+        if compile:
+            _allow_recompiles()
+
         def wrap(fn: Callable) -> Callable:
             if not compile:
                 return fn
