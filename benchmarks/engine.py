@@ -87,6 +87,20 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def cuda_tensors(top: int) -> list[str]:
+    """The largest CUDA tensors the garbage collector can reach (shape, dtype, GB), for memory accounting."""
+    seen, found = set(), []
+    for obj in gc.get_objects():
+        try:
+            if isinstance(obj, torch.Tensor) and obj.is_cuda and obj.data_ptr() not in seen:
+                seen.add(obj.data_ptr())
+                found.append((obj.untyped_storage().nbytes(), f"{tuple(obj.shape)} {obj.dtype}"))
+        except Exception:  # objects that fail isinstance/attribute access mid-collection
+            continue
+    found.sort(reverse=True)
+    return [f"{what}: {nbytes / 1e9:.3f} GB" for nbytes, what in found[:top]]
+
+
 def peak_gb(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else 0.0
 
@@ -391,6 +405,7 @@ def main() -> None:
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--hf-budget-s", type=float, default=150.0, help="stop starting hf-bf16 batches after this")
     ap.add_argument("--workdir", default=None, help="where to save the int4 checkpoint (default: a temp dir)")
+    ap.add_argument("--context-only", action="store_true", help="stop after the long-context memory row")
     args = ap.parse_args()
 
     device = torch.device(args.device)
@@ -438,7 +453,13 @@ def main() -> None:
         flush=True,
     )
 
-    # int4: start-up and the long-context memory row (one slot), then the batch rows
+    # int4: start-up and the long-context memory row (one slot), then the batch rows. What the process holds on the
+    # GPU before the engine exists (the checks' and the checkpoint build's leftovers) is not the engine's: measure it
+    # and report the engine's peak without it too.
+    baseline = torch.cuda.memory_allocated() / 1e9 if device.type == "cuda" else 0.0
+    if device.type == "cuda":
+        result["gpu_before_engine"] = {"allocated_gb": baseline, "largest_tensors": cuda_tensors(8)}
+        print(f"before the engine: {result['gpu_before_engine']}", flush=True)
     t = time.perf_counter()
     engine = Engine.from_checkpoint(ckpt, device=device, dtype=dtype, max_num_seqs=1, max_model_len=args.context)
     sync(device)
@@ -450,11 +471,14 @@ def main() -> None:
             flush=True,
         )
     result["context_4096"] = {"engine": "awqkit-int4", "startup_s": startup_long, **long_context(engine, args.context)}
+    result["context_4096"]["peak_gpu_gb_engine"] = result["context_4096"]["peak_gpu_gb"] - baseline
     print(f"int4, {args.context} context: {result['context_4096']}", flush=True)
     if device.type == "cuda":
         result["context_4096"]["memory"] = memory_diagnostics(engine)
         print(f"  memory: {result['context_4096']['memory']}", flush=True)
     save()
+    if args.context_only:
+        return
     del engine
     gc.collect()
 
