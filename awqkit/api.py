@@ -7,9 +7,10 @@
     model.save_quantized(quant_path, safetensors=True, shard_size="4GB")
 
 Where awqkit differs from AutoAWQ (all documented in the README): calibration samples longer than a block are cut,
-not dropped; the next layer is fed the *quantized* layer's outputs; block-output losses are measured on a subset of
-``search_tokens`` tokens while activation statistics and single-Linear losses use every token; every scale fold is
-checked; and bad input gets an :class:`~awqkit.errors.AwqkitError` that says what to do.
+not dropped; the clip search scores every calibration token and refines each end of a zero-point range; GQA's v→o
+pair is scaled too; block-output losses are measured on a subset of ``search_tokens`` tokens while activation
+statistics and single-Linear losses use every token; every scale fold is checked; and bad input gets an
+:class:`~awqkit.errors.AwqkitError` that says what to do.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ from awqkit.arch.spec import ArchSpec, ScaleGroup
 
 # Pre-norm decoder with a gated MLP: Llama and every family that copied its module names.
 #   input_layernorm → q/k/v          (inspect the whole attention block)
-#   v_proj → o_proj                  (only when v's outputs are o's inputs: no GQA)
+#   v_proj → o_proj                  (with GQA, scales tied across the query heads of a kv head: awq.fold.channel_map)
 #   post_attention_layernorm → gate/up (inspect the whole MLP)
 #   up_proj → down_proj              (up's output rows are down's input channels, through the elementwise gate)
 LLAMA_GROUPS = (

@@ -35,8 +35,9 @@ class ArchSpec:
         name: family name shown to users.
         model_types: ``config.model_type`` values this declaration serves.
         layers: path of the decoder-layer list in the ``*ForCausalLM`` model.
-        groups: scale groups in forward order. A Linear→Linear group is used only where the shapes allow the
-            fold (the previous Linear's outputs are exactly the next one's inputs; not so for GQA's v→o).
+        groups: scale groups in forward order. A Linear→Linear group is used only where the fold is possible: the
+            previous Linear's outputs are the next one's inputs, or (GQA's v→o) each feeds a known set of them
+            (:func:`awqkit.awq.fold.channel_map`).
         no_clip: Linear names whose clip search is skipped (q/k: their error is amplified by the softmax and
             AutoAWQ found clipping them hurts).
         norm_offset: 1.0 for Gemma-style norms computing ``x * (1 + w)``; the fold then keeps that form.

@@ -7,8 +7,10 @@ cost of the other channels in its group. AWQ searches ``s = x̄^α / w̄^(1-α)`
 quantized block output is closest (MSE) to the float output. α = 0 is plain round-to-nearest, so AWQ never loses to
 it on the calibration data.
 
-**Clip search.** Shrinking a group's range ``[-m, m]`` before rounding trades a few clipped outliers for finer steps
-for everything else; per output channel and group, the shrink (down to 50 %) minimising the output error is kept.
+**Clip search.** Shrinking a group's range before rounding trades a few clipped outliers for finer steps for
+everything else; per output channel and group, the shrink (down to 50 %) minimising the output error is kept. The
+error of a group's weight change ``Δ`` over all calibration tokens is ``Δ X_gᵀX_g Δᵀ``, so each candidate is scored on
+every token at a cost independent of their number (:func:`block_gram`).
 """
 
 from __future__ import annotations
