@@ -156,7 +156,12 @@ def test_ctrl_c_during_quantize_leaves_no_checkpoint(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     out = work / "tiny-awq"
-    proc = start("quantize", deep, "-o", out, "--max-calib-samples", "16", "--max-calib-seq-len", "128")
+    proc = start(
+        "quantize", deep, "-o", out, "--max-calib-samples", "16", "--max-calib-seq-len", "128",
+        # a shell starts background jobs with SIGINT ignored, and Python then keeps ignoring it: restore the default
+        # so the test holds however the suite was launched (e.g. `nohup make test &`)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip
     seen: list[str] = []
     reader = threading.Thread(target=lambda: seen.extend(iter(lambda: proc.stderr.read(1), "")), daemon=True)
     reader.start()
