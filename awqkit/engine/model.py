@@ -361,7 +361,8 @@ class Transformer(nn.Module):
             # the G query heads folded into each kv head (see Attention.forward)
             m = torch.zeros(m.shape, dtype=self.embed.dtype, device=device).masked_fill_(~m, float("-inf"))
             masks[window] = m[:, None, None].expand(B, 1, G, T, kv_len).reshape(B, 1, G * T, kv_len).contiguous()
-        return Step(B, T, slot_start, slot_list, S, kv_len, self.cos[flat], self.sin[flat], cache_rows, flat, None, masks)
+        cos, sin = self.cos[flat], self.sin[flat]
+        return Step(B, T, slot_start, slot_list, S, kv_len, cos, sin, cache_rows, flat, None, masks)
 
 
 # --- building from checkpoint tensors ----------------------------------------------------------------------------
