@@ -231,7 +231,9 @@ class LayerQuantizer:
         masters = [fc.weight.data for fc in linears]
 
         if group.inspect is None:
-            gram, w = st.gram.to(self.opts.device), masters[0]
+            # bf16 products where the layers run in bf16 (fp16 could overflow a sum of squares)
+            loss_dtype = torch.bfloat16 if self.opts.dtype == torch.bfloat16 else torch.float32
+            gram, w = st.gram.to(self.opts.device, loss_dtype), masters[0]
 
             def loss_of(s: torch.Tensor) -> float:
                 return gram_loss(quantized_trial(w, s, g, zp) - w, gram, st.gram_tokens)
