@@ -94,6 +94,25 @@ def test_clip_never_hurts_output_error():
     assert 0 <= shrink <= 0.5
 
 
+def test_clip_refines_each_end_of_a_lopsided_group():
+    """One large weight on a channel that carries almost no signal: that end is clipped far more than the other."""
+    torch.manual_seed(0)
+    w = torch.rand(8, 64) * 2 - 1
+    w[:, 7] = 6.0
+    x = torch.randn(2048, 64)
+    x[:, 7] *= 0.01
+    low, high, _ = search_clip(w, block_gram(x, 64), 64, True)
+    r_hi, r_lo = high.squeeze(1) / w.amax(1), low.squeeze(1) / w.amin(1)
+    assert (r_hi < 0.7).all() and (r_lo > r_hi + 0.1).all()
+
+    def err(lo, hi):
+        q = fake_quantize(torch.maximum(torch.minimum(w, hi.view(-1, 1)), lo.view(-1, 1)), 64)
+        return (x @ (q - w).T).pow(2).mean()
+
+    best_common = min(err(w.amin(1) * r, w.amax(1) * r) for r in [1 - i / 20 for i in range(10)])
+    assert err(low.squeeze(1), high.squeeze(1)) < best_common
+
+
 @pytest.mark.parametrize("family,kv_heads", [("llama", 4), ("qwen2", 4), ("qwen3", 2), ("mistral", 2)])
 def test_quantize_families_folds_checked_and_awq_beats_rtn(family, kv_heads):
     model = tiny_model(family, num_key_value_heads=kv_heads)  # 2 of 4: grouped-query attention
