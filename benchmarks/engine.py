@@ -32,18 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from awqkit import QuantConfig, quantize_rtn  # noqa: E402
 from awqkit.engine import Engine, SamplingParams  # noqa: E402
 from awqkit.formats.save import save_checkpoint  # noqa: E402
+from benchmarks.shapes import QWEN2_7B  # noqa: E402
 
-QWEN2_7B = dict(
-    hidden_size=3584,
-    num_hidden_layers=28,
-    num_attention_heads=28,
-    num_key_value_heads=4,
-    intermediate_size=18944,
-    vocab_size=152064,
-    max_position_embeddings=32768,
-    rope_theta=1e6,
-)
 SMALL = dict(
+    QWEN2_7B,
     hidden_size=256,
     num_hidden_layers=2,
     num_attention_heads=8,
@@ -51,14 +43,13 @@ SMALL = dict(
     intermediate_size=512,
     vocab_size=1024,
     max_position_embeddings=4096,
-    rope_theta=1e6,
 )
 
 
 def qwen2_config(shape: dict):
     from transformers import Qwen2Config
 
-    return Qwen2Config(**shape, tie_word_embeddings=False, rms_norm_eps=1e-6)
+    return Qwen2Config(**shape)
 
 
 def random_model(config, device: str, dtype: torch.dtype):

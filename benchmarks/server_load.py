@@ -41,6 +41,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # awqkit from this checkout, installed or not
 RESULTS = REPO / "benchmarks" / "results"
 
+from benchmarks.shapes import QWEN2_7B  # noqa: E402
+
 PROMPTS = [
     "The capital of France is",
     "Three primary colors are",
@@ -60,18 +62,6 @@ PROMPTS = [
     "One, two, three, four,",
 ]
 
-QWEN2_7B = dict(
-    vocab_size=152064,
-    hidden_size=3584,
-    intermediate_size=18944,
-    num_hidden_layers=28,
-    num_attention_heads=28,
-    num_key_value_heads=4,
-    max_position_embeddings=32768,
-    rope_theta=1000000.0,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=False,
-)
 # For a quick CPU check of the --random-7b path.
 QWEN2_SMALL = dict(QWEN2_7B, vocab_size=2048, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
