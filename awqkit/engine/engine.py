@@ -323,7 +323,7 @@ class Engine:
             slots,
             kv_len,
             logits="last" if done else "none",
-            last=torch.tensor([n - 1 for _, n in batch], device=self.device),
+            last=torch.tensor([n - 1 for _, n in batch], device=self.device) if done else None,
         )
         for req, n in batch:
             req.cached += n
