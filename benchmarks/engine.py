@@ -374,7 +374,7 @@ def memory_diagnostics(engine: Engine) -> dict:
                 out[f"prefill_chunk_extra_gb_{name}"] = f"{type(e).__name__}: {str(e)[:80]}"
         base = torch.cuda.memory_allocated()
         reset_peak(device)
-        engine._decoder([1], [L - 1], L)
+        engine._decoder([1], [L - 1], [0], L)
         torch.cuda.synchronize()
         out["decode_step_extra_gb"] = (torch.cuda.max_memory_allocated() - base) / 1e9
     return out

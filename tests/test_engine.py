@@ -45,11 +45,23 @@ def family_checkpoint(request, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def llama_engine(tmp_path_factory) -> Engine:
+def llama_checkpoint(tmp_path_factory) -> Path:
     model = tiny_model("llama", seed=1)
     quant = quantize_rtn(model, QuantConfig(group_size=32))
-    path = save_checkpoint(model, tmp_path_factory.mktemp("engine") / "tiny-llama", quant)
-    return Engine.from_checkpoint(path, max_num_seqs=4, max_model_len=160, prefill_chunk=64)
+    return save_checkpoint(model, tmp_path_factory.mktemp("engine") / "tiny-llama", quant)
+
+
+@pytest.fixture(scope="module")
+def llama_engine(llama_checkpoint) -> Engine:
+    return Engine.from_checkpoint(llama_checkpoint, max_num_seqs=4, max_model_len=160, prefill_chunk=64)
+
+
+@pytest.fixture(scope="module")
+def overlapped_engine(llama_checkpoint) -> Engine:
+    """The same engine with the decode run one step ahead of the host, as on a GPU (see Engine's docstring)."""
+    return Engine.from_checkpoint(
+        llama_checkpoint, max_num_seqs=4, max_model_len=160, prefill_chunk=64, overlap_decode=True
+    )
 
 
 @pytest.fixture(scope="module")
@@ -192,6 +204,54 @@ def test_step_api(llama_engine):
         engine.add_request("one-too-many", [1, 2, 3], SamplingParams(max_new_tokens=4))
     for i in range(4):
         engine.abort(f"full{i}")
+
+
+def run_mixed_load(engine: Engine) -> dict[str, tuple[list[int], str | None]]:
+    """Requests of several lengths and sampling modes joining, finishing and being aborted mid-flight, with slots
+    reused at once; returns each request's tokens and finish reason."""
+    prompts = random_token_blocks(6, 10, seed=31)
+    sampled = SamplingParams(max_new_tokens=9, temperature=0.8, top_p=0.9, seed=5, ignore_eos=True)
+    penalised = SamplingParams(max_new_tokens=7, temperature=0, frequency_penalty=1.5, ignore_eos=True)
+    stop_free = engine.generate([prompts[3]], GREEDY)[0].token_ids
+    stopping = SamplingParams(max_new_tokens=20, temperature=0, stop_token_ids=(stop_free[4],), ignore_eos=True)
+    plan = [("greedy", 0, GREEDY), ("sampled", 1, sampled), ("penalised", 2, penalised), ("stops", 3, stopping)]
+    results: dict[str, tuple[list[int], str | None]] = {}
+
+    def record(outputs):
+        for out in outputs:
+            tokens, _ = results.get(out.request_id, ([], None))
+            results[out.request_id] = (tokens + out.new_token_ids, out.finish_reason)
+
+    for rid, i, params in plan:
+        engine.add_request(rid, prompts[i], params)
+    for _ in range(3):
+        record(engine.step())
+    engine.abort("greedy")  # its slot is taken at once by a new request
+    engine.add_request("late", prompts[4], SamplingParams(max_new_tokens=5, temperature=0, ignore_eos=True))
+    while engine.has_unfinished():
+        record(engine.step())
+    results.pop("greedy")  # cut short by the abort: how many tokens it got depends on the step it was aborted in
+    return results
+
+
+def test_overlapped_decode_gives_the_same_results(llama_engine, overlapped_engine):
+    """Decoding one step ahead (tokens fed back on the device, read a step later) changes nothing a caller sees:
+    tokens, seeded sampling, penalties, stop tokens, length limits, and a slot reused right after an abort."""
+    expected = run_mixed_load(llama_engine)
+    assert run_mixed_load(overlapped_engine) == expected
+    assert expected["stops"][1] == "stop" and expected["late"] == (expected["late"][0], "length")
+    assert [len(expected[r][0]) for r in ("sampled", "penalised", "late")] == [9, 7, 5]
+
+
+def test_overlapped_decode_reports_a_step_later(overlapped_engine):
+    """The step that launches a decode returns the previous one's tokens; a finished request's extra row is
+    dropped, and nothing is ever fed past max_new_tokens."""
+    engine = overlapped_engine
+    prompt = random_token_blocks(1, 12, seed=13)[0]
+    engine.add_request("a", prompt, SamplingParams(max_new_tokens=3, temperature=0, ignore_eos=True))
+    counts = [[o.completion_tokens for o in engine.step()] for _ in range(4)]
+    assert counts == [[1], [], [2], [3]]  # prefill; decode launched; its token; the last (nothing launched after)
+    assert not engine.has_unfinished() and engine._inflight is None
 
 
 def test_batched_prefill_in_scattered_slots(llama_engine):

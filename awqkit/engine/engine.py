@@ -9,8 +9,13 @@ does two things, in the manner of vLLM's chunked prefill:
 2. decode: one token for every request that had one before the step, all in one batch (one CUDA-graph replay on GPU),
    whatever their lengths: rows are slots, lengths are positions.
 
-The only host-device synchronisation of a step is reading the sampled tokens back, which the stop checks and the text
-need anyway. The engine is not thread-safe: drive it from one thread (the server's scheduler does).
+On a GPU the decode runs one step ahead of the host (``overlap_decode``): a step launches the next decode, feeding
+it the tokens the previous one sampled straight from device memory, and only then waits for the previous step's
+tokens and does the host's share of the work — stop checks, detokenisation, and whatever the caller does with the
+outputs (the server's streaming) — while the GPU computes. The price is one speculative row: a request that turns
+out to have finished (stop token, stop string) was already fed to the next step, whose output for it is dropped.
+A request that reaches ``max_new_tokens`` is never fed again, so no request writes past its context.
+The engine is not thread-safe: drive it from one thread (the server's scheduler does).
 """
 
 from __future__ import annotations
@@ -66,6 +71,29 @@ class GenerationResult:
 
 
 @dataclass
+class _Launched:
+    """A decode step on its way: the requests of its rows and their sampled tokens' copy to the host."""
+
+    reqs: list[_Request]
+    tokens: torch.Tensor  # [len(reqs)], on the host once ``ready`` has completed
+    ready: torch.cuda.Event | None  # None: already on the host (CPU)
+
+    @classmethod
+    def start(cls, reqs: list[_Request], tokens: torch.Tensor) -> _Launched:
+        if tokens.device.type != "cuda":
+            return cls(reqs, tokens, None)
+        host = tokens.to("cpu", non_blocking=True)  # into pinned memory: the copy is queued, not waited for
+        ready = torch.cuda.Event()
+        ready.record()
+        return cls(reqs, host, ready)
+
+    def wait(self) -> list[int]:
+        if self.ready is not None:
+            self.ready.synchronize()  # waits for this step only (not for the one launched after it)
+        return self.tokens.tolist()
+
+
+@dataclass
 class _Request:
     id: str
     prompt: list[int]
@@ -74,8 +102,9 @@ class _Request:
     seed: int
     stop_ids: frozenset[int]
     text: TextStream
-    cached: int = 0  # tokens whose keys/values are in the cache
+    cached: int = 0  # tokens whose keys/values are in the cache (or are being written by a launched step)
     output: list[int] = field(default_factory=list)
+    inflight: int = 0  # tokens sampled on the device and not yet read back (0 or 1)
 
     @property
     def decoding(self) -> bool:
@@ -104,6 +133,7 @@ class Engine:
         model_name: str,
         prefill_chunk: int,
         cuda_graphs: bool,
+        overlap_decode: bool | None = None,
     ) -> None:
         self.model, self.config, self.tokenizer = model, config, tokenizer
         self.device, self.dtype = device, dtype
@@ -119,9 +149,14 @@ class Engine:
         # penalty state, per slot, allocated when a request first asks for a penalty
         self._prompt_seen: torch.Tensor | None = None  # [slots, vocab] bool
         self._counts: torch.Tensor | None = None  # [slots, vocab] int32
+        # overlapping pays where the device runs ahead of the host; on a CPU it would only add a wasted row
+        self.overlap_decode = device.type == "cuda" if overlap_decode is None else overlap_decode
+        self._inflight: _Launched | None = None  # the decode step launched and not yet read back
         with torch.inference_mode():
             use_graphs = cuda_graphs and device.type == "cuda"
-            self._decoder = GraphDecoder(model, max_num_seqs, max_model_len) if use_graphs else EagerDecoder(model)
+            self._decoder = (
+                GraphDecoder(model, max_num_seqs, max_model_len) if use_graphs else EagerDecoder(model, max_num_seqs)
+            )
 
     # --- construction -------------------------------------------------------------------------------------------
 
@@ -142,7 +177,8 @@ class Engine:
             dtype: activations (and float weights); None → bfloat16 on CUDA, float32 on CPU.
             max_num_seqs: KV-cache slots, the most requests decoding at once.
             max_model_len: prompt + generated tokens per request; None → min(max_position_embeddings, 4096).
-            kwargs: ``prefill_chunk`` (512), ``cuda_graphs`` (True), as for :meth:`from_tensors`.
+            kwargs: ``prefill_chunk`` (512), ``cuda_graphs`` (True), ``overlap_decode`` (None), as for
+                :meth:`from_tensors`.
         """
         from awqkit.formats.load import read_checkpoint
 
@@ -176,11 +212,13 @@ class Engine:
         model_name: str = "model",
         prefill_chunk: int = 512,
         cuda_graphs: bool = True,
+        overlap_decode: bool | None = None,
     ) -> Engine:
         """Build from in-memory tensors named as in the checkpoint (what :meth:`from_checkpoint` does after reading).
 
         On CUDA, AWQ layers run the 4-bit kernels of :mod:`awqkit.kernels`. On CPU (or without the kernels) they are
         dequantized once at load: the reference AWQ path would unpack every weight on every call.
+        ``overlap_decode``: run the decode one step ahead of the host (module docstring); None → on CUDA only.
         """
         from awqkit import kernels
 
@@ -217,6 +255,7 @@ class Engine:
             model_name,
             prefill_chunk,
             cuda_graphs,
+            overlap_decode,
         )
 
     # --- continuous batching ------------------------------------------------------------------------------------
@@ -273,24 +312,46 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
-        """Prefill up to ``prefill_chunk`` prompt tokens, then decode one token for every decoding request."""
+        """Prefill up to ``prefill_chunk`` prompt tokens, then decode one token for every decoding request.
+
+        With ``overlap_decode`` the decode tokens returned are those of the step launched by the previous call, and
+        this call's decode is left running on the device (module docstring)."""
         outputs: list[RequestOutput] = []
-        decoding = [r for r in self._requests.values() if r.decoding]
+        decoding = [r for r in self._requests.values() if r.decoding]  # before the prefill adds any
         self._prefill(outputs)
-        if decoding:
-            tokens = [r.output[-1] for r in decoding]
-            positions = [r.cached for r in decoding]
-            rows = max(r.slot for r in decoding) + 1
-            row_tokens, row_positions = [0] * rows, [self.max_model_len] * rows
-            for r, t, p in zip(decoding, tokens, positions):
-                row_tokens[r.slot], row_positions[r.slot] = t, p
-                r.cached += 1
-            logits = self._decoder(row_tokens, row_positions, max(positions) + 1)
-            slots = [r.slot for r in decoding]
-            if slots != list(range(len(slots))):
-                logits = logits[torch.tensor(slots, device=logits.device)]
-            self._sample_and_append(decoding, logits[: len(decoding)], outputs)
+        launched = self._launch_decode(decoding)
+        if self.overlap_decode:
+            launched, self._inflight = self._inflight, launched
+        if launched is not None:
+            self._read_decode(launched, outputs)
         return outputs
+
+    def _launch_decode(self, decoding: list[_Request]) -> _Launched | None:
+        """Queue one decode step for those of ``decoding`` with tokens left to generate."""
+        reqs = [r for r in decoding if len(r.output) + r.inflight < r.params.max_new_tokens]
+        if not reqs:
+            return None
+        rows = max(r.slot for r in reqs) + 1
+        row_tokens, row_positions, from_last = [0] * rows, [self.max_model_len] * rows, [0] * rows
+        for r in reqs:
+            # a token still on the device (sampled by the step in flight) is fed from there, not from the host
+            row_tokens[r.slot], row_positions[r.slot], from_last[r.slot] = r.output[-1], r.cached, r.inflight
+            r.cached += 1
+        logits = self._decoder(row_tokens, row_positions, from_last, max(row_positions[r.slot] for r in reqs) + 1)
+        slots = [r.slot for r in reqs]
+        rows_t = None if slots == list(range(len(slots))) else torch.tensor(slots, device=logits.device)
+        tokens = self._sample(reqs, logits[: len(reqs)] if rows_t is None else logits[rows_t])
+        self._decoder.remember(tokens, rows_t)
+        for r in reqs:
+            r.inflight += 1
+        return _Launched.start(reqs, tokens)
+
+    def _read_decode(self, launched: _Launched, outputs: list[RequestOutput]) -> None:
+        """Append a decode step's tokens to the requests still running (a finished or aborted one's is dropped)."""
+        for req, token in zip(launched.reqs, launched.wait()):
+            req.inflight -= 1
+            if self._requests.get(req.id) is req:
+                outputs.append(self._append(req, token))
 
     def _prefill(self, outputs: list[RequestOutput]) -> None:
         """One forward over the next prompt chunks of as many prefilling requests as ``prefill_chunk`` allows.
@@ -341,7 +402,8 @@ class Engine:
         params = [r.params for r in reqs]
         if all(p.greedy and not p.has_penalties for p in params):
             return sample(logits, None)
-        batch = SamplingBatch.build(params, [r.seed for r in reqs], [len(r.output) for r in reqs], self.device)
+        steps = [len(r.output) + r.inflight for r in reqs]  # the index of the token each row samples now
+        batch = SamplingBatch.build(params, [r.seed for r in reqs], steps, self.device)
         penalties = None
         if any(p.has_penalties for p in params):
             slots = torch.tensor([r.slot for r in reqs], device=self.device)
