@@ -574,3 +574,108 @@ def test_decode_attention_kernel_compiles_for_hopper():
     """Compiling for sm_90 needs no GPU and catches what the interpreter does not check (types, layouts)."""
     pytest.importorskip("triton.backends.nvidia")
     assert "compile ok" in _run_python(_KERNEL_COMPILE, TRITON_INTERPRET="0")
+
+
+_NORM_COMPILE = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from awqkit.engine import fused
+sig = {"x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "res_out_ptr": "*bf16",
+       "n_cols": "i32", "eps": "fp32"}
+for has_residual in (True, False):
+    consts = dict(HAS_RESIDUAL=has_residual, BLOCK=4096)
+    triton.compile(ASTSource(fn=fused._add_rms_norm_kernel, signature={**sig, **{k: "constexpr" for k in consts}},
+                             constexprs=consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": 16})
+ptrs = {n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr", "qn_ptr", "kn_ptr", "cache_ptr", "q_out_ptr")}
+ints = ["stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_cr", "stride_ckv",
+        "stride_ch", "stride_cp"]
+sig = {**ptrs, "cos_ptr": "*fp32", "sin_ptr": "*fp32", "rows_ptr": "*i64", "pos_ptr": "*i64",
+       **{n: "i32" for n in ints}, "eps": "fp32"}
+for has_norm in (True, False):
+    consts = dict(H=28, D=128, HAS_NORM=has_norm)
+    triton.compile(ASTSource(fn=fused._rope_cache_kernel, signature={**sig, **{k: "constexpr" for k in consts}},
+                             constexprs=consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
+print("sm_90 compile ok")
+"""
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hidden", [576, 100])
+def test_fused_norm_kernel_matches_eager(dtype, hidden):
+    """The GPU's fused residual-add + RMSNorm kernel (run by Triton's interpreter) against the model's PyTorch
+    functions, with and without a residual, on a hidden size that is not a power of two."""
+    pytest.importorskip("triton")
+    from awqkit.engine import model as M
+    from awqkit.engine import fused
+
+    g = torch.Generator().manual_seed(3)
+    x, residual = (torch.randn(5, hidden, generator=g).to(dtype) for _ in range(2))
+    weight = (torch.rand(hidden, generator=g) + 0.5).to(dtype)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)  # 2 bf16 ulps
+    got, summed = fused.add_rms_norm(x, residual, weight, 1e-6)
+    want, want_sum = M.add_rms_norm(x, residual, weight, 1e-6)
+    # the residual stream is rounded to the activation dtype, as eager rounds it (Triton's interpreter rounds bf16
+    # toward zero where the GPU rounds to nearest: one unit in the last place apart at most)
+    torch.testing.assert_close(summed, want_sum, **tol)
+    torch.testing.assert_close(got, want, **tol)
+    alone, same = fused.add_rms_norm(x, None, weight, 1e-6)
+    assert same is x or torch.equal(same, x)
+    torch.testing.assert_close(alone, M.rms_norm(x, weight, 1e-6), **tol)
+    ops = M.Ops(compile=False, fused_norm=True)  # what the model calls on a GPU
+    ops._check_norms(torch.device("cpu"), dtype, torch.Generator().manual_seed(0))
+    assert ops.add_rms_norm is not M.add_rms_norm  # the self-check kept the kernel
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rope_kernel_matches_eager(dtype, qk_norm):
+    """Rotary embedding + KV-cache write in one kernel (Triton's interpreter) against the model's PyTorch function:
+    q from a strided view of a fused qkv output, k/v written at scattered cache rows and positions, the rest of the
+    cache untouched, with and without Qwen3's per-head q/k norm."""
+    pytest.importorskip("triton")
+    from awqkit.engine import fused
+    from awqkit.engine import model as M
+
+    g = torch.Generator().manual_seed(5)
+    N, H, Hkv, D = 3, 4, 2, 32
+    qkv = torch.randn(N, (H + 2 * Hkv) * D, generator=g).to(dtype)
+    q, k, v = (t.view(N, -1, D) for t in qkv.split([H * D, Hkv * D, Hkv * D], dim=-1))
+    angles = torch.rand(N, D // 2, generator=g) * 6.3
+    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
+    norms = [(torch.rand(D, generator=g) + 0.5).to(dtype) for _ in range(2)] if qk_norm else [None, None]
+    rows, positions = torch.tensor([4, 1, 5]), torch.tensor([15, 0, 7])
+    caches = [torch.randn(6, 2, Hkv, 16, D, generator=torch.Generator().manual_seed(1)).to(dtype) for _ in range(2)]
+    got = fused.rope_and_cache(q, k, v, cos, sin, *norms, 1e-6, caches[0], rows, positions)
+    want = M.rope_and_cache(q, k, v, cos, sin, *norms, 1e-6, caches[1], rows, positions)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(caches[0], caches[1], **tol)  # the written rows and everything else
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_fused_kernels_in_the_model(family, tmp_path):
+    """The whole decoder with the GPU's fused norm and rope kernels (interpreted) gives the eager model's logits,
+    prefill and decode, cache included (Qwen2: qkv bias; Qwen3: q/k norm)."""
+    pytest.importorskip("triton")
+    from awqkit.engine import fused
+
+    model = tiny_model(family)
+    path = save_checkpoint(model, tmp_path / family, quantize_rtn(model, QuantConfig(group_size=32)))
+    engines = [Engine.from_checkpoint(path, max_num_seqs=2, max_model_len=64) for _ in range(2)]
+    ops = engines[1].model.layers[0].attn.ops  # one Ops object serves every layer
+    ops.__init__(compile=False, fused_norm=True, fused_rope=True)
+    ops.check(torch.device("cpu"), torch.float32)
+    assert ops.rope_and_cache is fused.rope_and_cache  # the self-check kept the kernel
+    prompts = random_token_blocks(2, 9, seed=2)
+    outs = [e.generate(prompts, SamplingParams(max_new_tokens=5, temperature=0, ignore_eos=True)) for e in engines]
+    assert [o.token_ids for o in outs[0]] == [o.token_ids for o in outs[1]]
+    with torch.inference_mode():
+        tokens, positions = torch.tensor(prompts), torch.arange(9).expand(2, 9)
+        logits = [e.model(tokens, positions, 0, 9, logits="all") for e in engines]
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
+
+
+def test_fused_kernels_compile_for_hopper():
+    pytest.importorskip("triton.backends.nvidia")
+    assert "compile ok" in _run_python(_NORM_COMPILE, TRITON_INTERPRET="0")

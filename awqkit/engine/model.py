@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from awqkit.engine import attention
+from awqkit.engine import attention, fused
 from awqkit.engine.config import ModelConfig, rope_tables
 from awqkit.errors import CheckpointError
 from awqkit.formats import gemm
@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 
 # --- the pointwise pieces of a layer -----------------------------------------------------------------------------
 # Written once as plain PyTorch. On CUDA each is torch.compile'd into one kernel, which matters at decode: a step is
-# ~12 kernels a layer, and unfused these would be ~35. On CPU they run eagerly (tests, embedded default).
+# ~12 kernels a layer, and unfused these would be ~35 (the norms use a hand-written kernel there instead:
+# :mod:`awqkit.engine.fused`). On CPU they run eagerly (tests, embedded default).
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -104,9 +105,10 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 class Ops:
-    """The pointwise functions a model uses: compiled (fused kernels) or eager."""
+    """The pointwise functions a model uses: compiled (fused kernels) or eager; ``fused_norm`` / ``fused_rope``: the
+    norms / the rotary embedding and KV write as :mod:`awqkit.engine.fused`'s Triton kernels."""
 
-    def __init__(self, compile: bool) -> None:
+    def __init__(self, compile: bool, fused_norm: bool = False, fused_rope: bool = False) -> None:
         if compile:
             _allow_recompiles()
 
@@ -130,15 +132,22 @@ class Ops:
 
         self.rms_norm = wrap(rms_norm)
         self.add_rms_norm = wrap(add_rms_norm)
+        if fused_norm:
+            self.rms_norm = lambda x, weight, eps: fused.add_rms_norm(x, None, weight, eps)[0]
+            self.add_rms_norm = lambda x, residual, weight, eps: fused.add_rms_norm(x, residual, weight, eps)
         self.rope_and_cache = wrap(rope_and_cache)
         self.silu_mul = wrap(silu_mul)
+        if fused_rope:
+            self.rope_and_cache = fused.rope_and_cache
 
     def check(self, device: torch.device, dtype: torch.dtype) -> None:
-        """Compile ``rope_and_cache`` now and compare it with the eager function, the cache write included (the one
-        compiled function that mutates an input); fall back to eager for it if they differ."""
+        """Compile ``rope_and_cache`` (or run its fused kernel) now and compare it with the eager function, the cache
+        write included (the one function that mutates an input), and the norms likewise; fall back to eager where
+        they differ."""
+        g = torch.Generator(device=device).manual_seed(0)
+        self._check_norms(device, dtype, g)
         if self.rope_and_cache is rope_and_cache:
             return
-        g = torch.Generator(device=device).manual_seed(0)
         for n in (1, 3):  # torch.compile specialises size 1: check both kernels
             q, k, v = (torch.randn(n, h, 32, device=device, dtype=dtype, generator=g) for h in (4, 2, 2))
             angles = torch.rand(n, 32, device=device, generator=g) * 6.3  # real rotary tables: cos/sin of angles
@@ -148,13 +157,32 @@ class Ops:
             rows, positions = torch.tensor([4, 1, 5][:n], device=device), torch.tensor([15, 0, 7][:n], device=device)
             args = (q, k, v, cos, sin, *norms, 1e-6)
             fns = (self.rope_and_cache, rope_and_cache)
-            outs = [fn(*args, cache, rows, positions) for fn, cache in zip(fns, caches)]
+            try:
+                outs = [fn(*args, cache, rows, positions) for fn, cache in zip(fns, caches)]
+            except Exception as e:  # noqa: BLE001 - a kernel that cannot run here: use the eager function
+                log.warning("rope_and_cache failed on %s (%s); running it eagerly", device, e)
+                self.rope_and_cache = rope_and_cache
+                return
             # the compiled kernel keeps fp32 intermediates that eager rounds to ``dtype``: allow that rounding
             # (2 % of the largest value), not a wrong write or a wrong rotation (errors of order one)
             if not (_close(outs[0], outs[1]) and _close(*caches)):
-                log.warning("compiled rope_and_cache disagrees with eager on %s; running it eagerly", device)
+                log.warning("rope_and_cache disagrees with eager on %s; running it eagerly", device)
                 self.rope_and_cache = rope_and_cache
                 return
+
+    def _check_norms(self, device: torch.device, dtype: torch.dtype, g: torch.Generator) -> None:
+        x, residual = (torch.randn(3, 576, device=device, dtype=dtype, generator=g) for _ in range(2))
+        weight = torch.rand(576, device=device, dtype=dtype, generator=g) + 0.5
+        try:
+            got, want = self.add_rms_norm(x, residual, weight, 1e-5), add_rms_norm(x, residual, weight, 1e-5)
+            ok = all(_close(a, b) for a, b in zip(got, want))
+            ok = ok and _close(self.rms_norm(x, weight, 1e-5), rms_norm(x, weight, 1e-5))
+        except Exception as e:  # noqa: BLE001 - a kernel that cannot run here: use the eager functions
+            log.warning("the norm kernel failed on %s (%s)", device, e)
+            ok = False
+        if not ok:
+            log.warning("fused norms disagree with eager on %s; running them eagerly", device)
+            self.rms_norm, self.add_rms_norm = rms_norm, add_rms_norm
 
 
 # --- modules ----------------------------------------------------------------------------------------------------
@@ -234,10 +262,12 @@ class Attention(nn.Module):
         )  # fmt: skip
         if step.slots is None:
             first = self.layer * step.num_slots + step.slot_start
-            rows = cache[first : first + B]
+            rows = cache[first : first + B, :, :, : step.kv_len]
         else:
-            rows = cache[self.layer * step.num_slots + step.slots]  # a gathered copy: prefill only
-        keys, values = rows[:, 0, :, : step.kv_len], rows[:, 1, :, : step.kv_len]
+            # a gathered copy (prefill only) of the attended positions alone, not of the whole context: graph-captured
+            # prefills always pass slots, and a full-row copy would cost ~67 MB a row a layer for a 7B at 4k
+            rows = cache[self.layer * step.num_slots + step.slots, :, :, : step.kv_len]
+        keys, values = rows[:, 0], rows[:, 1]
         if step.lengths is not None:
             return self.o_proj(attention.decode_attention(q, keys, values, step.lengths, self.window).view(N, H * D))
         # Grouped-query attention without copying the cache: the G = H / Hkv query heads that share a kv head are
@@ -445,7 +475,8 @@ def build_model(
         dequantize: turn AWQ layers into float matrices once (CPU: the reference AWQ path would unpack every call).
         compile: torch.compile the pointwise pieces (CUDA).
     """
-    ops = Ops(compile)
+    kernels = compile and fused.available()
+    ops = Ops(compile, fused_norm=kernels, fused_rope=kernels and fused.rope_supported(cfg.head_dim))
     if compile:
         ops.check(device, dtype)
 
