@@ -299,6 +299,7 @@ def check_correctness(device: torch.device, dtype: torch.dtype, workdir: Path) -
             hl = hf_float(ids).logits[0].float()
             exact = hf_float.float()(ids).logits[0]
         out[family]["float_logits_rel_err_vs_fp32: engine, transformers"] = [rel_err(fl, exact), rel_err(hl, exact)]
+        out[family]["prefill_graphs_vs_eager"] = check_prefill_graphs(graphs)
         print(f"  check {family}: {out[family]}", flush=True)
         del graphs, eager, reference, float_engine, hf_float
         gc.collect()
@@ -310,6 +311,101 @@ def check_correctness(device: torch.device, dtype: torch.dtype, workdir: Path) -
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+# bf16: the padded block runs other matmul shapes (and kernels) than the eager one; a wrong slot, position or padding
+# gives errors of order one
+PREFILL_TOLERANCE = 0.02
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest difference relative to the largest value (as ``awqkit.engine.model._close``)."""
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6)).item()
+
+
+def prefill_block(lengths: list[int], starts: list[int], pad: int, vocab: int, seed: int) -> tuple:
+    """The engine's prefill block: row ``i`` holds ``lengths[i]`` random tokens at positions ``starts[i] ...``, padded
+    to the longest with token 0 at ``pad``; returns ``(tokens, positions, last, kv_len)`` on the host."""
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    tokens = torch.zeros(len(lengths), T, dtype=torch.long)
+    positions = torch.full((len(lengths), T), pad, dtype=torch.long)
+    for i, (n, s) in enumerate(zip(lengths, starts)):
+        tokens[i, :n] = torch.randint(3, vocab, (n,), generator=g)
+        positions[i, :n] = torch.arange(s, s + n)
+    return tokens, positions, torch.tensor([n - 1 for n in lengths]), max(s + n for n, s in zip(lengths, starts))
+
+
+def check_prefill_graphs(engine: Engine) -> dict:
+    """Graph-captured prefill (``PrefillRunner``) vs the eager forward from the same KV cache: last-token logits and
+    the cache at every position but the scratch one, for B = 1, T = 100 and B = 3 in scattered slots (rows of 37, 20
+    and 5 tokens after different contexts; the padded fourth row takes slot 0, which must keep its cache). Each case
+    runs twice through the graph: the capture's replay, then a second replay with the inputs already on the device.
+    ``ok`` is False on any mismatch or error (``main`` then exits non-zero). On a CPU it checks the padded forward the
+    graphs would replay (``run_padded``)."""
+    from awqkit.engine.graphs import PrefillRunner
+
+    model, device, L = engine.model, engine.device, engine.max_model_len
+    cases = {
+        "B1_T100": ([100], [0], 0),
+        "B3_T37_scattered_slots": ([37, 20, 5], [0, 150, 60], torch.tensor([3, 1, 2])),
+    }
+    out: dict = {"ok": False}
+    try:
+        runner = PrefillRunner(
+            model, engine.max_num_seqs, L, engine.prefill_chunk, pool=getattr(engine._decoder, "pool", None)
+        )
+        with torch.inference_mode():
+            # earlier requests' keys and values in every slot (finite noise), which the block must attend to or keep
+            model.kv_cache.copy_(torch.randn(model.kv_cache.shape, generator=torch.Generator().manual_seed(1)))
+            for seed, (name, (lengths, starts, slots)) in enumerate(cases.items()):
+                out[name] = _prefill_case(engine, runner, lengths, starts, slots, seed)
+        out["runner_stats"] = dict(runner.stats)
+        errs = [v for case in cases for k, v in out[case].items() if k.endswith("_err")]
+        out["ok"] = all(err <= PREFILL_TOLERANCE for err in errs) and all(out[case]["none_is_None"] for case in cases)
+        if device.type == "cuda":
+            out["ok"] = out["ok"] and runner.stats["captures"] == 2 and runner.stats["eager"] == 0
+    except Exception as e:  # noqa: BLE001 - a crash is a failed check, reported like a mismatch
+        import traceback
+
+        traceback.print_exc()
+        out["error"] = f"{type(e).__name__}: {e}"
+    return out
+
+
+def _prefill_case(engine: Engine, runner, lengths: list[int], starts: list[int], slots, seed: int) -> dict:
+    model, device, L = engine.model, engine.device, engine.max_model_len
+    tokens, positions, last, kv_len = prefill_block(lengths, starts, L, engine.vocab_size, seed)
+    on_device = [x.to(device) if isinstance(x, torch.Tensor) else x for x in (tokens, positions, slots)]
+    before = model.kv_cache.clone()
+    want = model(*on_device, kv_len, logits="last", last=last.to(device)).float()
+    want_cache = model.kv_cache[..., :L, :].clone()
+    model.kv_cache.copy_(before)
+    if device.type == "cuda":
+        got = runner(tokens, positions, slots, kv_len, logits="last", last=last).float()  # host inputs: capture
+        got_cache = model.kv_cache[..., :L, :].clone()
+        none = runner(*on_device, kv_len, logits="none")  # the same graph, inputs on the device
+        again = runner(*on_device, kv_len, logits="last", last=last.to(device)).float()
+        torch.cuda.synchronize()
+    else:
+        got = again = runner.run_padded(tokens, positions, slots, kv_len, last=last).float()
+        got_cache, none = model.kv_cache[..., :L, :].clone(), None
+    return {
+        "logits_rel_err": rel_err(got, want),
+        "logits_max_err": max_err(got, want),
+        "second_replay_logits_max_err": max_err(again, want),
+        "cache_max_err": max_err(got_cache, want_cache),
+        "none_is_None": none is None,
+    }
+
+
+def prefill_check_failures(checks: dict) -> list[str]:
+    """The families whose prefill-graph check failed (see :func:`check_prefill_graphs`)."""
+    return [
+        family
+        for family, c in checks.items()
+        if isinstance(c, dict) and "prefill_graphs_vs_eager" in c and not c["prefill_graphs_vs_eager"].get("ok")
+    ]
 
 
 def check_decode_attention(device: torch.device, dtype: torch.dtype) -> dict:
@@ -428,6 +524,9 @@ def main() -> None:
             traceback.print_exc()
             result["checks"] = {"error": f"{type(e).__name__}: {e}"}
         save()
+        failed = prefill_check_failures(result["checks"])
+        if failed:  # a wrong prefill would make every timing below meaningless
+            sys.exit(f"prefill graphs disagree with the eager forward ({', '.join(failed)}): see {out_path}")
 
     config = qwen2_config(SMALL if args.small else QWEN2_7B)
     t = time.perf_counter()

@@ -146,8 +146,10 @@ def test_smollm_greedy_matches_transformers(smollm_engine, smollm_rtn_checkpoint
 # --- batching ----------------------------------------------------------------------------------------------------
 
 
-def test_batch_matches_single(llama_engine, monkeypatch):
+@pytest.mark.parametrize("which", ["llama_engine", "overlapped_engine"])
+def test_batch_matches_single(which, request, monkeypatch):
     """Sequences of different lengths decoding in one batch give the tokens and logits they give alone."""
+    llama_engine = request.getfixturevalue(which)
     prompts = [random_token_blocks(1, n, seed=n)[0] for n in (5, 17, 40)]
     seen = record_logits(llama_engine, monkeypatch)
     batched = llama_engine.generate(prompts, GREEDY)

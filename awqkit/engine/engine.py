@@ -33,7 +33,7 @@ import torch
 
 from awqkit.engine.config import ModelConfig
 from awqkit.engine.detok import TextStream
-from awqkit.engine.graphs import EagerDecoder, GraphDecoder
+from awqkit.engine.graphs import EagerDecoder, GraphDecoder, PrefillRunner
 from awqkit.engine.model import build_model
 from awqkit.engine.sampling import SamplingBatch, SamplingParams, sample
 from awqkit.errors import AwqkitError, ConfigError
@@ -156,6 +156,10 @@ class Engine:
             use_graphs = cuda_graphs and device.type == "cuda"
             self._decoder = (
                 GraphDecoder(model, max_num_seqs, max_model_len) if use_graphs else EagerDecoder(model, max_num_seqs)
+            )
+            # prefill blocks replayed from graphs too (captured per bucket on first use), in the decode graphs' pool
+            self._prefiller = PrefillRunner(
+                model, max_num_seqs, max_model_len, prefill_chunk, use_graphs, getattr(self._decoder, "pool", None)
             )
 
     # --- construction -------------------------------------------------------------------------------------------
@@ -377,14 +381,15 @@ class Engine:
         positions = [list(range(r.cached, r.cached + n)) + [pad] * (longest - n) for r, n in batch]
         kv_len = max(r.cached + n for r, n in batch)
         done = [(i, r) for i, (r, n) in enumerate(batch) if r.cached + n == len(r.prompt)]
-        slots = batch[0][0].slot if len(batch) == 1 else torch.tensor([r.slot for r, _ in batch], device=self.device)
-        logits = self.model(
-            torch.tensor(tokens, device=self.device),
-            torch.tensor(positions, device=self.device),
+        # host tensors: the prefill runner pads them into one pinned buffer and copies that to the device at once
+        slots = batch[0][0].slot if len(batch) == 1 else torch.tensor([r.slot for r, _ in batch])
+        logits = self._prefiller(
+            torch.tensor(tokens),
+            torch.tensor(positions),
             slots,
             kv_len,
             logits="last" if done else "none",
-            last=torch.tensor([n - 1 for _, n in batch], device=self.device) if done else None,
+            last=torch.tensor([n - 1 for _, n in batch]) if done else None,
         )
         for req, n in batch:
             req.cached += n
