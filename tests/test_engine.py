@@ -608,8 +608,8 @@ def test_fused_norm_kernel_matches_eager(dtype, hidden):
     """The GPU's fused residual-add + RMSNorm kernel (run by Triton's interpreter) against the model's PyTorch
     functions, with and without a residual, on a hidden size that is not a power of two."""
     pytest.importorskip("triton")
-    from awqkit.engine import model as M
     from awqkit.engine import fused
+    from awqkit.engine import model as M
 
     g = torch.Generator().manual_seed(3)
     x, residual = (torch.randn(5, hidden, generator=g).to(dtype) for _ in range(2))

@@ -61,7 +61,6 @@ if triton is not None:
         y = (xf * rstd).to(x.dtype).to(tl.float32) * w
         tl.store(out_ptr + row + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
-
     @triton.jit
     def _rope_cache_kernel(
         q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr, cache_ptr, rows_ptr, pos_ptr, q_out_ptr,
