@@ -36,6 +36,7 @@ from awqkit.engine.detok import TextStream
 from awqkit.engine.graphs import EagerDecoder, GraphDecoder, PrefillRunner
 from awqkit.engine.model import build_model
 from awqkit.engine.sampling import SamplingBatch, SamplingParams, sample
+from awqkit.engine.transfer import to_device
 from awqkit.errors import AwqkitError, ConfigError
 from awqkit.formats.config import QuantConfig
 
@@ -343,7 +344,7 @@ class Engine:
             r.cached += 1
         logits = self._decoder(row_tokens, row_positions, from_last, max(row_positions[r.slot] for r in reqs) + 1)
         slots = [r.slot for r in reqs]
-        rows_t = None if slots == list(range(len(slots))) else torch.tensor(slots, device=logits.device)
+        rows_t = None if slots == list(range(len(slots))) else to_device(slots, torch.long, logits.device)
         tokens = self._sample(reqs, logits[: len(reqs)] if rows_t is None else logits[rows_t])
         self._decoder.remember(tokens, rows_t)
         for r in reqs:
@@ -394,7 +395,7 @@ class Engine:
         for req, n in batch:
             req.cached += n
         if done:
-            rows = torch.tensor([i for i, _ in done], device=self.device)
+            rows = to_device([i for i, _ in done], torch.long, self.device)
             self._sample_and_append([r for _, r in done], logits[rows], outputs)
 
     def _sample_and_append(self, reqs: list[_Request], logits: torch.Tensor, outputs: list[RequestOutput]) -> None:
@@ -411,7 +412,7 @@ class Engine:
         batch = SamplingBatch.build(params, [r.seed for r in reqs], steps, self.device)
         penalties = None
         if any(p.has_penalties for p in params):
-            slots = torch.tensor([r.slot for r in reqs], device=self.device)
+            slots = to_device([r.slot for r in reqs], torch.long, self.device)
             penalties = (self._prompt_seen[slots], self._counts[slots])
         tokens = sample(logits[:, : self.vocab_size], batch, penalties)
         if penalties is not None:
@@ -424,7 +425,7 @@ class Engine:
             self._prompt_seen = torch.zeros(shape, dtype=torch.bool, device=self.device)
             self._counts = torch.zeros(shape, dtype=torch.int32, device=self.device)
         self._prompt_seen[req.slot] = False
-        self._prompt_seen[req.slot, torch.tensor(req.prompt, device=self.device)] = True
+        self._prompt_seen[req.slot, to_device(req.prompt, torch.long, self.device)] = True
         self._counts[req.slot] = 0
 
     def _append(self, req: _Request, token: int) -> RequestOutput:

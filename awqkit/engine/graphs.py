@@ -16,6 +16,7 @@ from collections import OrderedDict
 import torch
 
 from awqkit.engine.model import Transformer
+from awqkit.engine.transfer import to_device
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +49,10 @@ class EagerDecoder:
         back) instead of ``tokens[i]``."""
         device = self.model.embed.device
         n = len(tokens)
-        t = torch.tensor(tokens, dtype=torch.long, device=device)
-        flags = torch.tensor(from_last, dtype=torch.bool, device=device)
+        t = to_device(tokens, torch.long, device)
+        flags = to_device(from_last, torch.bool, device)
         t = torch.where(flags, self.last_tokens[:n], t)[:, None]
-        p = torch.tensor(positions, dtype=torch.long, device=device)[:, None]
+        p = to_device(positions, torch.long, device)[:, None]
         return self.model(t, p, 0, kv_len)
 
     def remember(self, tokens: torch.Tensor, rows: torch.Tensor | None) -> None:

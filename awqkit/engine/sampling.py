@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from awqkit.engine.transfer import to_device
 from awqkit.errors import ConfigError
 
 
@@ -116,7 +117,7 @@ class SamplingBatch:
     @classmethod
     def build(cls, params: list[SamplingParams], seeds: list[int], steps: list[int], device: torch.device):
         def col(values, dtype):
-            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+            return to_device(values, dtype, device)
 
         f32 = torch.float32
         return cls(
