@@ -142,6 +142,26 @@ def test_awq_linear_leading_dims_and_bias():
         assert _rel(y, ref) < TOL[torch.bfloat16]
 
 
+@pytest.mark.parametrize("path", ["gemv_splitk", "planes_fold_splitk", "gemm_dq0", "gemv", "dequant_matmul"])
+def test_partials_sum_to_the_output(path):
+    """``partials=True`` leaves the split-K sums (and the bias) to the consumer: their total is the finished output;
+    unsplit paths hand over the output itself as one part."""
+    cfg, m, k, n = PATHS[path]
+    qw, qz, sc = _awq(k, n, 32, 5)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(6)).bfloat16()
+    b = torch.randn(n).bfloat16()
+    y = run_config(cfg, x, qw, qz, sc, 32, b)
+    p = run_config(cfg, x, qw, qz, sc, 32, b, partials=True)
+    split = cfg.split_k > 1
+    assert p.parts.shape == ((p.parts.shape[0], m, n)) and (p.parts.shape[0] > 1) == split
+    assert p.parts.dtype == (torch.float32 if split else torch.bfloat16) and (p.bias is b if split else p.bias is None)
+    assert _rel(p.total(torch.bfloat16), y.double()) < 1e-2 if split else torch.equal(p.total(torch.bfloat16), y)
+    layer = AWQLinear.from_packed(qw, qz, sc, 32, b)
+    layer._kernel_state = K.prepare(layer)
+    pl = K.awq_linear(x.reshape(1, m, k), layer, partials=True)
+    assert pl.parts.shape[1:] == (1, m, n)
+
+
 def test_prepare_keeps_checkpoint_tensors():
     """No repack: prepare() keeps AutoAWQ's tensors (bit for bit) and state_dict() stays a checkpoint."""
     qw, qz, sc = _awq(64, 16, 32, 5)

@@ -35,6 +35,7 @@ def available() -> bool:
     return True
 
 
+from awqkit.kernels.common import Partials  # noqa: E402
 from awqkit.kernels.dequant import dequant_matmul, dequantize  # noqa: E402
 from awqkit.kernels.dispatch import Config, awq_matmul, pick_config, run_config  # noqa: E402
 from awqkit.kernels.gemm import gemm, gemm_planes  # noqa: E402
@@ -59,8 +60,9 @@ def prepare(layer) -> KernelState:
     return KernelState(qweight, qzeros, scales, layer.group_size)
 
 
-def awq_linear(x: torch.Tensor, layer) -> torch.Tensor:
-    """``layer(x)`` for an :class:`~awqkit.nn.AWQLinear`: ``x [..., K]`` → ``[..., N]`` in ``x``'s dtype."""
+def awq_linear(x: torch.Tensor, layer, partials: bool = False) -> torch.Tensor | Partials:
+    """``layer(x)`` for an :class:`~awqkit.nn.AWQLinear`: ``x [..., K]`` → ``[..., N]`` in ``x``'s dtype; with
+    ``partials``, :class:`Partials` whose ``parts`` are ``[S, ..., N]``."""
     state = layer._kernel_state
     if state is None:
         qweight, qzeros, scales = layer.qweight, layer.qzeros, layer.scales
@@ -68,13 +70,16 @@ def awq_linear(x: torch.Tensor, layer) -> torch.Tensor:
         qweight, qzeros, scales = state.qweight, state.qzeros, state.scales
     k = qweight.shape[0]
     lead = x.shape[:-1]
-    y = awq_matmul(x.reshape(-1, k), qweight, qzeros, scales, layer.group_size, layer.bias)
+    y = awq_matmul(x.reshape(-1, k), qweight, qzeros, scales, layer.group_size, layer.bias, partials)
+    if partials:
+        return Partials(y.parts.reshape(y.parts.shape[0], *lead, scales.shape[1]), y.bias)
     return y.reshape(*lead, scales.shape[1])
 
 
 __all__ = [
     "Config",
     "KernelState",
+    "Partials",
     "available",
     "awq_linear",
     "awq_matmul",

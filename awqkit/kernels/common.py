@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -78,6 +79,25 @@ def nibble_value(bits):
 def nibbles_minus_zeros(qw_bits, qz_bits):
     """``q - z`` as exact float32 from the two magic bit patterns of :func:`unpack_tile` (broadcasting)."""
     return qw_bits.to(tl.float32, bitcast=True) - qz_bits.to(tl.float32, bitcast=True)
+
+
+class Partials(NamedTuple):
+    """``x @ W (+ bias)`` not yet summed over its K slices, for a consumer kernel that adds them as it reads them.
+
+    ``parts [S, ..., N]``: fp32 split-K partial sums when ``S > 1`` (``bias`` still to add), or the finished output
+    in the activation dtype when ``S == 1`` (``bias`` already in it, and ``None`` here). Handing these on instead of
+    reducing saves the reduction's launch and its write + read of the output (the engine's rotary and SiLU kernels
+    take them)."""
+
+    parts: torch.Tensor
+    bias: torch.Tensor | None
+
+    def total(self, dtype: torch.dtype) -> torch.Tensor:
+        """The finished output ``[..., N]`` in ``dtype`` (PyTorch; what the consumer kernels compute on the fly)."""
+        if self.parts.shape[0] == 1 and self.bias is None:
+            return self.parts[0].to(dtype)
+        y = self.parts.float().sum(0)
+        return (y if self.bias is None else y + self.bias.float()).to(dtype)
 
 
 @functools.cache

@@ -22,7 +22,7 @@ import torch
 import triton
 
 from awqkit.kernels import dequant, gemm, gemv
-from awqkit.kernels.common import sm_count
+from awqkit.kernels.common import Partials, sm_count
 
 SPLITK_MAX_M = 64
 
@@ -157,18 +157,21 @@ def run_config(
     scales: torch.Tensor,
     group_size: int,
     bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Launch ``cfg`` on a 2-D, row-contiguous ``x``."""
+    partials: bool = False,
+) -> torch.Tensor | Partials:
+    """Launch ``cfg`` on a 2-D, row-contiguous ``x`` (``partials``: leave split-K sums unreduced, see
+    :class:`~awqkit.kernels.common.Partials`)."""
     if cfg.kernel == "gemv":
         return gemv.gemv(
             x, qweight, qzeros, scales, group_size, bias,
             block_n=cfg.block_n, rows=min(cfg.rows, group_size), split_k=cfg.split_k, num_warps=cfg.num_warps,
+            partials=partials,
         )  # fmt: skip
     if cfg.kernel == "gemm" and cfg.dq >= 3:
         return gemm.gemm_planes(
             x, qweight, qzeros, scales, group_size, bias,
             block_m=cfg.block_m, block_n=cfg.block_n, block_k=min(cfg.block_k, group_size), split_k=cfg.split_k,
-            num_warps=cfg.num_warps, stages=cfg.stages, fold=cfg.dq == 4, maxnreg=cfg.maxnreg,
+            num_warps=cfg.num_warps, stages=cfg.stages, fold=cfg.dq == 4, maxnreg=cfg.maxnreg, partials=partials,
         )  # fmt: skip
     if cfg.kernel == "gemm":
         block_k = cfg.block_k
@@ -177,10 +180,11 @@ def run_config(
         return gemm.gemm(
             x, qweight, qzeros, scales, group_size, bias,
             block_m=cfg.block_m, block_n=cfg.block_n, block_k=block_k, split_k=cfg.split_k,
-            num_warps=cfg.num_warps, stages=cfg.stages, swap=cfg.swap, dq=cfg.dq,
+            num_warps=cfg.num_warps, stages=cfg.stages, swap=cfg.swap, dq=cfg.dq, partials=partials,
         )  # fmt: skip
     if cfg.kernel == "dequant":
-        return dequant.dequant_matmul(x, qweight, qzeros, scales, group_size, bias)
+        y = dequant.dequant_matmul(x, qweight, qzeros, scales, group_size, bias)
+        return Partials(y[None], None) if partials else y
     raise ValueError(f"unknown kernel {cfg.kernel!r}")
 
 
@@ -191,15 +195,16 @@ def awq_matmul(
     scales: torch.Tensor,
     group_size: int,
     bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``x [M, K] @ W (+ bias)`` for AutoAWQ GEMM tensors, kernel picked by :func:`pick_config`."""
+    partials: bool = False,
+) -> torch.Tensor | Partials:
+    """``x [M, K] @ W (+ bias)`` for AutoAWQ GEMM tensors, kernel picked by :func:`pick_config` (``partials``:
+    split-K sums left for the consumer, :class:`~awqkit.kernels.common.Partials`)."""
     if x.stride(1) != 1:
         x = x.contiguous()
     m, k = x.shape
     n = scales.shape[1]
-    if m == 0:
-        return x.new_empty((0, n))
-    if x.dtype not in (torch.float16, torch.bfloat16):  # e.g. fp32: no tensor-core path, dequantize + matmul
-        return dequant.dequant_matmul(x, qweight, qzeros, scales, group_size, bias)
-    cfg = pick_config(m, n, k, group_size, sm_count(x.device))
-    return run_config(cfg, x, qweight, qzeros, scales, group_size, bias)
+    if m == 0 or x.dtype not in (torch.float16, torch.bfloat16):  # fp32: no tensor-core path, dequantize + matmul
+        cfg = Config("dequant")
+    else:
+        cfg = pick_config(m, n, k, group_size, sm_count(x.device))
+    return run_config(cfg, x, qweight, qzeros, scales, group_size, bias, partials)

@@ -24,8 +24,15 @@ import torch
 import triton
 import triton.language as tl
 
-from awqkit.kernels.common import interpreting, nibble_value, nibbles_minus_zeros, unpack_tile, unpack_tile_one_plus
-from awqkit.kernels.gemv import reduce_splits
+from awqkit.kernels.common import (
+    Partials,
+    interpreting,
+    nibble_value,
+    nibbles_minus_zeros,
+    unpack_tile,
+    unpack_tile_one_plus,
+)
+from awqkit.kernels.gemv import finish_split_k
 
 
 @triton.jit
@@ -146,7 +153,8 @@ def gemm(
     stages: int = 3,
     swap: bool = False,
     dq: int = 0,
-) -> torch.Tensor:
+    partials: bool = False,
+) -> torch.Tensor | Partials:
     """``x [M, K] @ W (+ bias)`` with the fused dequantize-and-dot kernel; ``split_k`` slices of ``block_k`` tiles.
 
     ``block_k`` must divide ``group_size`` or be a multiple of it. ``dq=1`` (the ``1 + q/16`` form, fewer
@@ -172,9 +180,7 @@ def gemm(
         TO_WORKSPACE=split_k > 1, HAS_BIAS=bias is not None, DOT_F32=interpreting(), DQ=dq,
         ASM=not interpreting(), num_warps=num_warps,
     )  # fmt: skip
-    if split_k > 1:
-        reduce_splits(dest, out, bias)
-    return out
+    return finish_split_k(dest, out, bias, partials)
 
 
 # --------------------------------------------------------------------------------------------- nibble-plane kernel
@@ -410,7 +416,8 @@ def gemm_planes(
     stages: int = 2,
     fold: bool = False,
     maxnreg: int = 0,
-) -> torch.Tensor:
+    partials: bool = False,
+) -> torch.Tensor | Partials:
     """``x [M, K] @ W (+ bias)`` with the nibble-plane tensor-core kernel (``block_n`` = 8 x column blocks).
 
     ``block_k`` is capped at the group size (a step must lie inside one group). ``maxnreg`` caps the registers per
@@ -434,6 +441,4 @@ def gemm_planes(
         TO_WORKSPACE=split_k > 1, HAS_BIAS=bias is not None, DOT_F32=interpreting(), ASM=not interpreting(),
         FOLD=fold, num_warps=num_warps, **({"maxnreg": maxnreg} if maxnreg and not interpreting() else {}),
     )  # fmt: skip
-    if split_k > 1:
-        reduce_splits(dest, out, bias)
-    return out
+    return finish_split_k(dest, out, bias, partials)

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from awqkit.kernels.common import interpreting, nibble_value, unpack_row, unpack_row_one_plus
+from awqkit.kernels.common import Partials, interpreting, nibble_value, unpack_row, unpack_row_one_plus
 
 
 # M and the workspace stride change with every batch size: not specialising on them avoids a recompile per M.
@@ -160,6 +160,19 @@ def reduce_splits(ws: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None
     return out
 
 
+def finish_split_k(
+    dest: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None, partials: bool
+) -> torch.Tensor | Partials:
+    """What a split-K launch returns: ``out`` (the partials in ``dest`` reduced into it when ``dest`` is a
+    ``[S, M, N]`` workspace), or with ``partials`` the unreduced :class:`Partials` for a consumer kernel."""
+    split = dest is not out
+    if partials:
+        return Partials(dest, bias) if split else Partials(out[None], None)
+    if split:
+        reduce_splits(dest, out, bias)
+    return out
+
+
 def gemv(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -172,8 +185,9 @@ def gemv(
     rows: int = 8,
     split_k: int = 1,
     num_warps: int = 1,
-) -> torch.Tensor:
-    """``x [M, K] @ W (+ bias)`` for ``M <= 4`` on CUDA cores.
+    partials: bool = False,
+) -> torch.Tensor | Partials:
+    """``x [M, K] @ W (+ bias)`` for ``M <= 4`` on CUDA cores (``partials``: see :func:`finish_split_k`).
 
     ``block_n`` should be ``256 * num_warps`` times 1, 2 or 4 (4-, 8- or 16-byte weight loads per thread; less makes
     Triton replicate work across threads). ``split_k`` K slices are whole groups, or equal parts of one group (so
@@ -201,6 +215,4 @@ def gemv(
         BM=m, BN=block_n, ROWS=rows, G=group_size, GCH=min(group_size, k_split),
         TO_WORKSPACE=split_k > 1, HAS_BIAS=bias is not None, ASM=not interpreting(), num_warps=num_warps,
     )  # fmt: skip
-    if split_k > 1:
-        reduce_splits(dest, out, bias)
-    return out
+    return finish_split_k(dest, out, bias, partials)
