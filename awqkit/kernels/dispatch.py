@@ -31,7 +31,7 @@ SPLITK_MAX_M = 64
 class Config:
     """One launch: which kernel and its tile sizes (fields unused by a kernel are ignored)."""
 
-    kernel: str  # "gemv" | "gemm" | "dequant"
+    kernel: str  # "gemv" | "gemv_slice" | "gemm" | "dequant"
     block_m: int = 16
     block_n: int = 128
     block_k: int = 128
@@ -42,7 +42,7 @@ class Config:
     dq: int = 1  # GEMM dequantization: 1 = "1 + q/16" form (block_k = group size), 0 = (q - z) * s per weight,
     # 3 = nibble-plane kernel with the per-step fp32 correction, 4 = nibble-plane kernel with (q - z) s folded
     # into the A operand (gemm.gemm_planes; block_n = 8 x column blocks)
-    rows: int = 8  # GEMV: rows loaded ahead
+    rows: int = 8  # GEMV: rows loaded ahead (slice GEMV: word tiles loaded ahead)
     maxnreg: int = 0  # nibble-plane kernel: register cap per thread (0 = compiler's choice)
 
 
@@ -161,11 +161,11 @@ def run_config(
 ) -> torch.Tensor | Partials:
     """Launch ``cfg`` on a 2-D, row-contiguous ``x`` (``partials``: leave split-K sums unreduced, see
     :class:`~awqkit.kernels.common.Partials`)."""
-    if cfg.kernel == "gemv":
+    if cfg.kernel in ("gemv", "gemv_slice"):
         return gemv.gemv(
             x, qweight, qzeros, scales, group_size, bias,
-            block_n=cfg.block_n, rows=min(cfg.rows, group_size), split_k=cfg.split_k, num_warps=cfg.num_warps,
-            partials=partials,
+            block_n=cfg.block_n, rows=cfg.rows, split_k=cfg.split_k, num_warps=cfg.num_warps,
+            shared_k=cfg.kernel == "gemv_slice", partials=partials,
         )  # fmt: skip
     if cfg.kernel == "gemm" and cfg.dq >= 3:
         return gemm.gemm_planes(
