@@ -37,6 +37,7 @@ import triton  # noqa: E402
 from awqkit.formats import gemm as fmt  # noqa: E402
 from awqkit.kernels.common import sm_count  # noqa: E402
 from awqkit.kernels.dispatch import Config, pick_config, run_config  # noqa: E402
+from awqkit.kernels.gemv import k_slices  # noqa: E402
 from awqkit.nn import AWQLinear  # noqa: E402
 
 SHAPES = [("qkv", 3584, 4608), ("o", 3584, 3584), ("gate_up", 3584, 37888), ("down", 18944, 3584)]
@@ -149,6 +150,9 @@ CHECK_PATHS = [
     ("gemv", Config("gemv", block_n=1024, num_warps=2, rows=8, split_k=3)),
     ("gemv_subgroup", Config("gemv", block_n=256, num_warps=1, rows=8, split_k=40)),
     ("gemv_nosplit", Config("gemv", block_n=512, num_warps=1, rows=4, split_k=1)),
+    ("gemv_slice_w4", Config("gemv_slice", block_n=512, num_warps=4, rows=4, split_k=5)),
+    ("gemv_slice_w8_sub", Config("gemv_slice", block_n=1024, num_warps=8, rows=2, split_k=24)),
+    ("gemv_slice_w2", Config("gemv_slice", block_n=256, num_warps=2, rows=2, split_k=1)),
     ("gemm_splitk", Config("gemm", block_m=16, block_n=256, split_k=3, num_warps=4)),
     ("gemm_splitk_noswap", Config("gemm", block_m=16, block_n=128, split_k=2, swap=False)),
     ("gemm_m64", Config("gemm", block_m=64, block_n=128, num_warps=8)),
@@ -185,7 +189,7 @@ def _check_worker(task) -> list[dict]:
         bias = torch.randn(n, device=DEV).half()
         ref = x.float() @ w + bias.float()
         for name, cfg in CHECK_PATHS:
-            if cfg.kernel == "gemv" and m > 4:
+            if cfg.kernel.startswith("gemv") and m > (2 if cfg.kernel == "gemv_slice" else 4):
                 continue
             poison()
             err = rel_err(run_config(cfg, x, qw, qz, sc, g, bias), ref)
@@ -253,54 +257,59 @@ def check_graph_capture(log) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------- sweeps
-SWEEP_MS = (16, 64, 4, 32, 2, 8)  # most important first: a deadline cuts the tail
+SWEEP_MS = (1, 2)  # most important first: a deadline cuts the tail
 
 
-def v5_config(m: int, n: int, k: int, group_size: int, sms: int) -> Config:
-    """The dispatcher of v5 (run 9: split-K to ~2 programs per SM, 64-row tiles for long K at M = 33-64), kept so
-    that a sweep times the one-wave split rule of :func:`pick_config` against it in the same run."""
-    from awqkit.kernels.dispatch import planes_config
-
-    wide = n >= 16384
-    if m == 1 or (m == 2 and wide) or (32 < m <= 64 and wide) or (m > 64 and not (m <= 128 and wide)):
-        return pick_config(m, n, k, group_size, sms)  # unchanged paths (GEMV, v3 kernel, dequant)
-    if m <= 16:
-        return planes_config(m, n, k, group_size, sms, fold=False, block_m=16, bn8=32, warps=2, pps=2, stages=2)
-    fold32 = planes_config(m, n, k, group_size, sms, fold=True, block_m=32, bn8=32, warps=2, pps=2 if m <= 64 else 1)
-    if m <= 32 or m > 64:
-        return fold32
-    fold64 = planes_config(m, n, k, group_size, sms, fold=True, block_m=64, bn8=64, warps=8, pps=1)
-    return fold64 if k // fold64.block_k // fold64.split_k >= 8 else fold32
+def slice_candidates(m: int, n: int, k: int, sms: int) -> list[tuple[str, Config]]:
+    """Slice-GEMV configurations to time against the shipped rule: columns per program, warps, tiles loaded ahead,
+    and a split-K factor chosen for ~16 or 32 resident warps per SM (one wave)."""
+    out = []
+    for block_n in (256, 512, 1024):
+        for warps in (2, 4, 8):
+            for ahead in (2, 4):
+                if m > 1 and ahead > 2:
+                    continue
+                blocks = triton.cdiv(n, block_n)
+                for wps in (16, 32):
+                    split = max(1, triton.cdiv(wps * sms, blocks * warps))
+                    label = f"slice bn{block_n} w{warps} u{ahead} wps{wps}"
+                    out.append((label, Config("gemv_slice", block_n=block_n, num_warps=warps, rows=ahead,
+                                              split_k=split)))  # fmt: skip
+    return out
 
 
 def sweep_jobs(shapes, sms: int, ms=SWEEP_MS) -> list[tuple]:
-    """(name, K, N, M, Config, label): v5's split rule against the one-wave rule of :func:`pick_config`, each timed
-    twice in the order v5, wave, v5, wave (the spread between the two timings of one config is the noise)."""
+    """(name, K, N, M, Config, label): the shipped :func:`pick_config` ("base", timed three times spread over the
+    shape's jobs, whose spread is the noise) against the slice-GEMV candidates."""
     jobs = []
     for name, k, n in shapes:
         for m in ms:
-            old, new = v5_config(m, n, k, GROUP, sms), pick_config(m, n, k, GROUP, sms)
-            if old == new:
-                continue
-            for _ in range(2):
-                jobs.append((name, k, n, m, old, "v5"))
-                jobs.append((name, k, n, m, new, "wave"))
+            base = pick_config(m, n, k, GROUP, sms)
+            cands = slice_candidates(m, n, k, sms)
+            third = max(1, len(cands) // 3)
+            for i, (label, cfg) in enumerate(cands):
+                if i % third == 0:
+                    jobs.append((name, k, n, m, base, "base"))
+                jobs.append((name, k, n, m, cfg, label))
     return jobs
 
 
 def warm_jobs(configs) -> list[tuple]:
-    """Distinct compilations behind ``configs`` [(Config, M)], as (Config, M, K) stand-ins for :func:`_warm_worker`.
+    """Distinct compilations behind ``configs`` [(Config, M, K)], as (Config, M, K) stand-ins for
+    :func:`_warm_worker`.
 
     A compiled kernel depends on the constexprs (tiles, warps, stages, whether split-K writes a workspace, the GEMV's
-    row block) and on divisibility by 16 of K and N, which every benchmark shape shares."""
+    rows and the rows of its group chunk, which follow from the split) and on divisibility by 16 of K and N, which
+    every benchmark shape shares."""
     seen, jobs = set(), []
-    for cfg, m in configs:
-        split = min(cfg.split_k, 2)
-        mcls = m if cfg.kernel == "gemv" and m <= 8 else 1
-        key = (replace(cfg, split_k=split), mcls)
+    for cfg, m, k in configs:
+        gemv_kernel = cfg.kernel.startswith("gemv")
+        chunk = k_slices(k, GROUP, cfg.split_k, 8)[0] if gemv_kernel else 0
+        mcls = m if gemv_kernel and m <= 8 else 1
+        key = (replace(cfg, split_k=min(cfg.split_k, 2)), mcls, min(chunk, GROUP))
         if key not in seen:
             seen.add(key)
-            jobs.append((replace(cfg, split_k=split), max(mcls, 1 if cfg.kernel != "gemm" else 16), 3584))
+            jobs.append((cfg if gemv_kernel else key[0], max(mcls, 1 if cfg.kernel != "gemm" else 16), k))
     return jobs
 
 
@@ -329,13 +338,13 @@ def sweep(jobs, log, deadline: float) -> list[dict]:
                 log(f"  sweep {name} M={m} {label}: {type(e).__name__}: {str(e)[:120]}")
                 continue
             out.append(dict(name=name, K=k, N=n, M=m, label=label, us=us, config=str(cfg)))
-            if label == "v5":
+            if label == "base":
                 base[m] = min(base.get(m, float("inf")), us)
             else:
                 best[m] = min(best.get(m, (float("inf"), "")), (us, label))
         for m, (us, label) in sorted(best.items()):
-            v5 = base.get(m, float("nan"))
-            log(f"  sweep {name:16s} M={m:5d} v5 {v5:8.2f}  best {us:8.2f} us  x{v5 / us:4.2f}  {label}")
+            b = base.get(m, float("nan"))
+            log(f"  sweep {name:16s} M={m:5d} base {b:8.2f}  best {us:8.2f} us  x{b / us:4.2f}  {label}")
         del copies
         torch.cuda.empty_cache()
     return out
@@ -460,9 +469,9 @@ def main() -> int:
     jobs = sweep_jobs(shapes, sms) if args.sweep else []
     # compile everything the run will time in parallel processes first (Triton's disk cache is shared), and run
     # the correctness checks there too: compilation, not the GPU, is the long part of a fresh machine's run
-    configs = [(j[4], j[3]) for j in jobs]
+    configs = [(j[4], j[3], j[1]) for j in jobs]
     if not args.no_bench:
-        configs += [(pick_config(m, n, k, GROUP, sms), m) for _, k, n in shapes for m in ms]
+        configs += [(pick_config(m, n, k, GROUP, sms), m, k) for _, k, n in shapes for m in ms]
     warm = warm_jobs(configs)
     chunks = [warm[i :: args.workers] for i in range(args.workers)]
     ctx = torch.multiprocessing.get_context("spawn")

@@ -278,7 +278,7 @@ def slice_tile_rows(block_n: int, num_warps: int) -> int:
     return (32 // lanes_per_row) * num_warps
 
 
-def _k_slices(k: int, group_size: int, split_k: int, granule: int) -> tuple[int, int]:
+def k_slices(k: int, group_size: int, split_k: int, granule: int) -> tuple[int, int]:
     """``(rows per K slice, slices)`` for about ``split_k`` slices: whole groups, or equal parts of one group down to
     ``granule`` rows (so that narrow layers get enough programs); no empty slices."""
     groups = k // group_size
@@ -325,7 +325,7 @@ def gemv(
     else:
         rows = granule = min(rows, group_size)
     assert group_size % granule == 0, (group_size, granule)
-    k_split, split_k = _k_slices(k, group_size, split_k, granule)
+    k_split, split_k = k_slices(k, group_size, split_k, granule)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     dest = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
     grid = (triton.cdiv(n, block_n), split_k)
