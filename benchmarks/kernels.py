@@ -150,7 +150,7 @@ CHECK_PATHS = [
     ("gemv", Config("gemv", block_n=1024, num_warps=2, rows=8, split_k=3)),
     ("gemv_subgroup", Config("gemv", block_n=256, num_warps=1, rows=8, split_k=40)),
     ("gemv_nosplit", Config("gemv", block_n=512, num_warps=1, rows=4, split_k=1)),
-    ("gemv_slice_w4", Config("gemv_slice", block_n=512, num_warps=4, rows=4, split_k=5)),
+    ("gemv_slice_w4", Config("gemv_slice", block_n=512, num_warps=4, rows=4, split_k=5, stages=3)),
     ("gemv_slice_w8_sub", Config("gemv_slice", block_n=1024, num_warps=8, rows=2, split_k=24)),
     ("gemv_slice_w2", Config("gemv_slice", block_n=256, num_warps=2, rows=2, split_k=1)),
     ("gemm_splitk", Config("gemm", block_m=16, block_n=256, split_k=3, num_warps=4)),
@@ -261,20 +261,22 @@ SWEEP_MS = (1, 2)  # most important first: a deadline cuts the tail
 
 
 def slice_candidates(m: int, n: int, k: int, sms: int) -> list[tuple[str, Config]]:
-    """Slice-GEMV configurations to time against the shipped rule: columns per program, warps, tiles loaded ahead,
-    and a split-K factor chosen for ~16 or 32 resident warps per SM (one wave)."""
+    """Slice-GEMV configurations to time against the shipped rule: columns per program, warps, tiles per loop step,
+    cp.async stages, and a split-K factor chosen for ~16 or 32 resident warps per SM (one wave)."""
     out = []
-    for block_n in (256, 512, 1024):
+    for block_n in (256, 512):
         for warps in (2, 4, 8):
             for ahead in (2, 4):
-                if m > 1 and ahead > 2:
-                    continue
-                blocks = triton.cdiv(n, block_n)
-                for wps in (16, 32):
-                    split = max(1, triton.cdiv(wps * sms, blocks * warps))
-                    label = f"slice bn{block_n} w{warps} u{ahead} wps{wps}"
-                    out.append((label, Config("gemv_slice", block_n=block_n, num_warps=warps, rows=ahead,
-                                              split_k=split)))  # fmt: skip
+                for stages in (2, 3, 4):
+                    if m > 1 and (ahead > 2 or stages != 3 or warps > 4):
+                        continue
+                    blocks = triton.cdiv(n, block_n)
+                    for wps in (16, 32):
+                        split = max(1, triton.cdiv(wps * sms, blocks * warps))
+                        label = f"slice bn{block_n} w{warps} u{ahead} s{stages} wps{wps}"
+                        cfg = Config("gemv_slice", block_n=block_n, num_warps=warps, rows=ahead, stages=stages,
+                                     split_k=split)  # fmt: skip
+                        out.append((label, cfg))
     return out
 
 

@@ -164,7 +164,7 @@ def run_config(
     if cfg.kernel in ("gemv", "gemv_slice"):
         return gemv.gemv(
             x, qweight, qzeros, scales, group_size, bias,
-            block_n=cfg.block_n, rows=cfg.rows, split_k=cfg.split_k, num_warps=cfg.num_warps,
+            block_n=cfg.block_n, rows=cfg.rows, split_k=cfg.split_k, num_warps=cfg.num_warps, stages=cfg.stages,
             shared_k=cfg.kernel == "gemv_slice", partials=partials,
         )  # fmt: skip
     if cfg.kernel == "gemm" and cfg.dq >= 3:

@@ -35,7 +35,7 @@ from awqkit.kernels.common import (
 def _gemv_kernel(
     x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, bias_ptr,
     M, N, N8, K, k_split, stride_xm, stride_os, stride_om,
-    BM: tl.constexpr, BN: tl.constexpr, ROWS: tl.constexpr, G: tl.constexpr, GCH: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, ROWS: tl.constexpr, G: tl.constexpr, GCH: tl.constexpr, STAGES: tl.constexpr,
     TO_WORKSPACE: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
 ):  # fmt: skip
     """Row-streaming GEMV: a program owns ``BN`` columns and ``k_split`` rows of ``W``.
@@ -77,7 +77,7 @@ def _gemv_kernel(
         sx1 = 0.0
         sx2 = 0.0
         sx3 = 0.0
-        for r0 in range(g0, g0 + GCH, ROWS):
+        for r0 in tl.range(g0, g0 + GCH, ROWS, num_stages=STAGES):
             for r in tl.static_range(ROWS):
                 f = unpack_row_one_plus(tl.load(qw_ptr + (r0 + r) * N8 + offs_n8, mask=mask_n8, other=0), BN, ASM)
                 xv = tl.load(x_ptr + r0 + r).to(tl.float32)
@@ -149,6 +149,7 @@ def _gemv_slice_kernel(
     x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, bias_ptr,
     M, N, N8, K, k_split, stride_xm, stride_os, stride_om,
     BM: tl.constexpr, BN: tl.constexpr, R: tl.constexpr, U: tl.constexpr, G: tl.constexpr, GCH: tl.constexpr,
+    STAGES: tl.constexpr,
     TO_WORKSPACE: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
 ):  # fmt: skip
     """GEMV whose warps share one K slice: a program owns ``BN`` columns and ``k_split`` rows, walked as
@@ -179,7 +180,7 @@ def _gemv_slice_kernel(
         d1 = tl.zeros([R, BN], dtype=tl.float32)
         sx0 = tl.zeros([R], dtype=tl.float32)
         sx1 = tl.zeros([R], dtype=tl.float32)
-        for r0 in range(g0, g0 + GCH, R * U):
+        for r0 in tl.range(g0, g0 + GCH, R * U, num_stages=STAGES):
             # all U tiles are requested before the first is unpacked (written out: in a static loop of load + use,
             # ptxas reused one tile's registers for the next and kept a single 16-byte load in flight per thread)
             w_ptrs = qw_ptr + (r0 + rr)[:, None] * N8 + offs_n8[None, :]
@@ -303,6 +304,7 @@ def gemv(
     rows: int = 8,
     split_k: int = 1,
     num_warps: int = 1,
+    stages: int = 1,
     shared_k: bool = False,
     partials: bool = False,
 ) -> torch.Tensor | Partials:
@@ -312,7 +314,9 @@ def gemv(
     weight loads per thread; less makes Triton replicate work across threads); ``rows`` rows are loaded ahead.
     ``shared_k`` (``M <= 2``): the slice kernel, whose warps share a K slice in tiles of
     :func:`slice_tile_rows` rows, ``rows`` tiles loaded ahead (1-4). ``split_k`` K slices are whole groups, or
-    equal parts of one group (so narrow layers get enough programs).
+    equal parts of one group (so narrow layers get enough programs). ``stages > 1`` lets Triton's pipeliner stage
+    the weight through shared memory with cp.async, ``stages - 1`` loop steps ahead (bytes in flight without
+    registers held; ptxas otherwise tends to issue a step's loads only after the previous step's math).
     """
     m, k = x.shape
     n = scales.shape[1]
@@ -332,7 +336,7 @@ def gemv(
     args = (x, qweight, qzeros, scales, dest, bias if bias is not None else out,
             m, n, n // 8, k, k_split, x.stride(0), m * n, n)  # fmt: skip
     common = dict(BM=m, BN=block_n, G=group_size, GCH=min(group_size, k_split), TO_WORKSPACE=split_k > 1,
-                  HAS_BIAS=bias is not None, ASM=not interpreting(), num_warps=num_warps)  # fmt: skip
+                  HAS_BIAS=bias is not None, ASM=not interpreting(), STAGES=stages, num_warps=num_warps)  # fmt: skip
     if shared_k:
         _gemv_slice_kernel[grid](*args, R=tile_rows, U=rows, **common)
     else:
