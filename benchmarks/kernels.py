@@ -139,6 +139,7 @@ def copy_bandwidth() -> float:
 # ----------------------------------------------------------------------------------------------------- correctness
 CHECK_CASES = [  # (M, K, N): quick; N an odd multiple of 8 tests the column masks
     (1, 1024, 1000),
+    (1, 1024, 2048),  # every column block full: the GEMV's unmasked loads
     (3, 512, 776),
     (7, 1024, 1288),
     (16, 768, 520),
@@ -150,9 +151,7 @@ CHECK_PATHS = [
     ("gemv", Config("gemv", block_n=1024, num_warps=2, rows=8, split_k=3)),
     ("gemv_subgroup", Config("gemv", block_n=256, num_warps=1, rows=8, split_k=40)),
     ("gemv_nosplit", Config("gemv", block_n=512, num_warps=1, rows=4, split_k=1)),
-    ("gemv_slice_w4", Config("gemv_slice", block_n=512, num_warps=4, rows=4, split_k=5, stages=3)),
-    ("gemv_slice_w8_sub", Config("gemv_slice", block_n=1024, num_warps=8, rows=2, split_k=24)),
-    ("gemv_slice_w2", Config("gemv_slice", block_n=256, num_warps=2, rows=2, split_k=1)),
+    ("gemv_runtime_n", Config("gemv", block_n=256, num_warps=1, rows=8, split_k=40, specialize_n=False)),
     ("gemm_splitk", Config("gemm", block_m=16, block_n=256, split_k=3, num_warps=4)),
     ("gemm_splitk_noswap", Config("gemm", block_m=16, block_n=128, split_k=2, swap=False)),
     ("gemm_m64", Config("gemm", block_m=64, block_n=128, num_warps=8)),
@@ -189,7 +188,7 @@ def _check_worker(task) -> list[dict]:
         bias = torch.randn(n, device=DEV).half()
         ref = x.float() @ w + bias.float()
         for name, cfg in CHECK_PATHS:
-            if cfg.kernel.startswith("gemv") and m > (2 if cfg.kernel == "gemv_slice" else 4):
+            if cfg.kernel == "gemv" and m > 4:
                 continue
             poison()
             err = rel_err(run_config(cfg, x, qw, qz, sc, g, bias), ref)
@@ -204,10 +203,10 @@ def _check_worker(task) -> list[dict]:
 
 
 def _warm_worker(jobs) -> int:
-    """Compile configs (Triton caches them on disk for the timing process) on small stand-ins of the same
-    divisibility: the real K, N = 512."""
-    for cfg, m, k in jobs:
-        qw, qz, sc = random_awq(k, 512, GROUP)
+    """Compile configs (Triton caches them on disk for the timing process) on stand-ins of the same divisibility
+    (the real K; N = 512, or the real N for the GEMV, which compiles it in)."""
+    for cfg, m, k, n in jobs:
+        qw, qz, sc = random_awq(k, n, GROUP)
         x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
         try:
             run_config(cfg, x, qw, qz, sc, GROUP)
@@ -260,34 +259,32 @@ def check_graph_capture(log) -> bool:
 SWEEP_MS = (1, 2)  # most important first: a deadline cuts the tail
 
 
-def slice_candidates(m: int, n: int, k: int, sms: int) -> list[tuple[str, Config]]:
-    """Slice-GEMV configurations to time against the shipped rule: columns per program, warps, tiles per loop step,
-    cp.async stages, and a split-K factor chosen for ~16 or 32 resident warps per SM (one wave)."""
-    out = []
-    for block_n in (256, 512):
-        for warps in (2, 4, 8):
-            for ahead in (2, 4):
-                for stages in (2, 3, 4):
-                    if m > 1 and (ahead > 2 or stages != 3 or warps > 4):
-                        continue
-                    blocks = triton.cdiv(n, block_n)
-                    for wps in (16, 32):
-                        split = max(1, triton.cdiv(wps * sms, blocks * warps))
-                        label = f"slice bn{block_n} w{warps} u{ahead} s{stages} wps{wps}"
-                        cfg = Config("gemv_slice", block_n=block_n, num_warps=warps, rows=ahead, stages=stages,
-                                     split_k=split)  # fmt: skip
-                        out.append((label, cfg))
+def gemv_candidates(m: int, n: int, k: int, sms: int) -> list[tuple[str, Config]]:
+    """GEMV configurations to time against the shipped rule: columns and warps per program, rows loaded ahead, and
+    a split-K factor for ~12, 24 or 32 programs per SM; plus the shipped config with the row length read at run
+    time (what compiling it in gains)."""
+    from awqkit.kernels.dispatch import _split_for
+
+    base = pick_config(m, n, k, GROUP, sms)
+    out = [("runtime_n", replace(base, specialize_n=False))] if base.kernel == "gemv" else []
+    for block_n, warps in ((256, 1), (512, 1), (512, 2), (1024, 2), (1024, 4)):
+        for rows in (8, 16):
+            for pps in (12, 24, 32):
+                split = _split_for(triton.cdiv(n, block_n), max(1, k // rows), sms, pps)
+                split = max(1, min(split, k // (32 * m)))
+                cfg = Config("gemv", block_n=block_n, split_k=split, num_warps=warps, rows=rows)
+                out.append((f"gemv bn{block_n} w{warps} r{rows} pps{pps}", cfg))
     return out
 
 
 def sweep_jobs(shapes, sms: int, ms=SWEEP_MS) -> list[tuple]:
     """(name, K, N, M, Config, label): the shipped :func:`pick_config` ("base", timed three times spread over the
-    shape's jobs, whose spread is the noise) against the slice-GEMV candidates."""
+    shape's jobs, whose spread is the noise) against the GEMV candidates."""
     jobs = []
     for name, k, n in shapes:
         for m in ms:
             base = pick_config(m, n, k, GROUP, sms)
-            cands = slice_candidates(m, n, k, sms)
+            cands = gemv_candidates(m, n, k, sms)
             third = max(1, len(cands) // 3)
             for i, (label, cfg) in enumerate(cands):
                 if i % third == 0:
@@ -297,21 +294,22 @@ def sweep_jobs(shapes, sms: int, ms=SWEEP_MS) -> list[tuple]:
 
 
 def warm_jobs(configs) -> list[tuple]:
-    """Distinct compilations behind ``configs`` [(Config, M, K)], as (Config, M, K) stand-ins for
+    """Distinct compilations behind ``configs`` [(Config, M, K, N)], as (Config, M, K, N) stand-ins for
     :func:`_warm_worker`.
 
     A compiled kernel depends on the constexprs (tiles, warps, stages, whether split-K writes a workspace, the GEMV's
     rows and the rows of its group chunk, which follow from the split) and on divisibility by 16 of K and N, which
     every benchmark shape shares."""
     seen, jobs = set(), []
-    for cfg, m, k in configs:
-        gemv_kernel = cfg.kernel.startswith("gemv")
+    for cfg, m, k, n in configs:
+        gemv_kernel = cfg.kernel == "gemv"
         chunk = k_slices(k, GROUP, cfg.split_k, 8)[0] if gemv_kernel else 0
         mcls = m if gemv_kernel and m <= 8 else 1
-        key = (replace(cfg, split_k=min(cfg.split_k, 2)), mcls, min(chunk, GROUP))
+        width = n if gemv_kernel else 512  # the GEMV compiles the row length in
+        key = (replace(cfg, split_k=min(cfg.split_k, 2)), mcls, min(chunk, GROUP), width)
         if key not in seen:
             seen.add(key)
-            jobs.append((cfg if gemv_kernel else key[0], max(mcls, 1 if cfg.kernel != "gemm" else 16), k))
+            jobs.append((cfg if gemv_kernel else key[0], max(mcls, 1 if cfg.kernel != "gemm" else 16), k, width))
     return jobs
 
 
@@ -471,9 +469,9 @@ def main() -> int:
     jobs = sweep_jobs(shapes, sms) if args.sweep else []
     # compile everything the run will time in parallel processes first (Triton's disk cache is shared), and run
     # the correctness checks there too: compilation, not the GPU, is the long part of a fresh machine's run
-    configs = [(j[4], j[3], j[1]) for j in jobs]
+    configs = [(j[4], j[3], j[1], j[2]) for j in jobs]
     if not args.no_bench:
-        configs += [(pick_config(m, n, k, GROUP, sms), m, k) for _, k, n in shapes for m in ms]
+        configs += [(pick_config(m, n, k, GROUP, sms), m, k, n) for _, k, n in shapes for m in ms]
     warm = warm_jobs(configs)
     chunks = [warm[i :: args.workers] for i in range(args.workers)]
     ctx = torch.multiprocessing.get_context("spawn")

@@ -73,9 +73,8 @@ PATHS = {
     "gemv": (Config("gemv", block_n=256, num_warps=1, rows=8, split_k=1), 1, 128, 200),
     "gemv_splitk": (Config("gemv", block_n=256, num_warps=1, rows=8, split_k=2), 3, 128, 72),
     "gemv_subgroup_splitk": (Config("gemv", block_n=256, num_warps=1, rows=8, split_k=16), 2, 64, 40),
-    # slice GEMV: warps share a K slice; 2-row tiles x 2 ahead, sub-group split; 16 rows x 4 warps, whole groups
-    "gemv_slice_splitk": (Config("gemv_slice", block_n=512, num_warps=1, rows=2, split_k=6), 2, 128, 200),
-    "gemv_slice": (Config("gemv_slice", block_n=256, num_warps=4, rows=2, split_k=2, stages=3), 1, 256, 72),
+    "gemv_even_n": (Config("gemv", block_n=256, num_warps=1, rows=8, split_k=2), 1, 128, 512),  # unmasked loads
+    "gemv_runtime_n": (Config("gemv", block_n=256, num_warps=1, rows=8, split_k=2, specialize_n=False), 2, 128, 200),
     "gemm_one_plus_swap": (Config("gemm", block_m=16, block_n=64, split_k=2), 5, 128, 136),
     "gemm_one_plus": (Config("gemm", block_m=16, block_n=64, split_k=1, swap=False), 17, 128, 72),
     "gemm_dq0": (Config("gemm", block_m=16, block_n=64, block_k=32, split_k=2, swap=False, dq=0), 7, 128, 136),
@@ -114,7 +113,6 @@ def test_every_path(path, dtype):
 @pytest.mark.parametrize("g", [32, 64, 128])
 def test_group_sizes(g):
     _check(Config("gemv", block_n=256, num_warps=1, rows=8, split_k=2), 1, 256, 40, g, torch.bfloat16, True, g)
-    _check(Config("gemv_slice", block_n=256, num_warps=2, rows=4, split_k=3), 2, 256, 40, g, torch.float16, True, g)
     _check(Config("gemm", block_m=16, block_n=64, split_k=2), 3, 256, 56, g, torch.float16, False, g)
     _check(Config("gemm", block_m=16, block_n=64, block_k=64, dq=0), 2, 256, 56, g, torch.bfloat16, True, g)
     _check(Config("gemm", block_m=16, block_n=128, block_k=64, split_k=2, num_warps=1, dq=3), 4, 256, 72, g,

@@ -31,7 +31,7 @@ SPLITK_MAX_M = 64
 class Config:
     """One launch: which kernel and its tile sizes (fields unused by a kernel are ignored)."""
 
-    kernel: str  # "gemv" | "gemv_slice" | "gemm" | "dequant"
+    kernel: str  # "gemv" | "gemm" | "dequant"
     block_m: int = 16
     block_n: int = 128
     block_k: int = 128
@@ -42,8 +42,9 @@ class Config:
     dq: int = 1  # GEMM dequantization: 1 = "1 + q/16" form (block_k = group size), 0 = (q - z) * s per weight,
     # 3 = nibble-plane kernel with the per-step fp32 correction, 4 = nibble-plane kernel with (q - z) s folded
     # into the A operand (gemm.gemm_planes; block_n = 8 x column blocks)
-    rows: int = 8  # GEMV: rows loaded ahead (slice GEMV: word tiles loaded ahead)
+    rows: int = 8  # GEMV: rows loaded ahead
     maxnreg: int = 0  # nibble-plane kernel: register cap per thread (0 = compiler's choice)
+    specialize_n: bool = True  # GEMV: the row length compiled in (False: read at run time, for A/B sweeps)
 
 
 def _split_for(tiles: int, k_steps: int, sms: int, programs_per_sm: int) -> int:
@@ -161,11 +162,11 @@ def run_config(
 ) -> torch.Tensor | Partials:
     """Launch ``cfg`` on a 2-D, row-contiguous ``x`` (``partials``: leave split-K sums unreduced, see
     :class:`~awqkit.kernels.common.Partials`)."""
-    if cfg.kernel in ("gemv", "gemv_slice"):
+    if cfg.kernel == "gemv":
         return gemv.gemv(
             x, qweight, qzeros, scales, group_size, bias,
-            block_n=cfg.block_n, rows=cfg.rows, split_k=cfg.split_k, num_warps=cfg.num_warps, stages=cfg.stages,
-            shared_k=cfg.kernel == "gemv_slice", partials=partials,
+            block_n=cfg.block_n, rows=cfg.rows, split_k=cfg.split_k, num_warps=cfg.num_warps,
+            specialize_n=cfg.specialize_n, partials=partials,
         )  # fmt: skip
     if cfg.kernel == "gemm" and cfg.dq >= 3:
         return gemm.gemm_planes(

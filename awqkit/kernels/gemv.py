@@ -25,18 +25,27 @@ from awqkit.kernels.common import (
     nibble_value,
     unpack_row,
     unpack_row_one_plus,
-    unpack_tile_one_plus,
 )
 
 
 # M and the workspace stride change with every batch size: not specialising on them avoids a recompile per M.
 # N8 = N / 8 is passed (not computed) so Triton sees its divisibility by 16 and issues 16-byte weight loads.
+@triton.jit
+def _load_cols(ptrs, mask, EVEN_N: tl.constexpr):
+    """A load along the columns: unmasked when no column block is partial (a masked load also zeroes its registers
+    first, one instruction per loaded word)."""
+    if EVEN_N:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=mask, other=0)
+
+
 @triton.jit(do_not_specialize=["M", "stride_os"])
 def _gemv_kernel(
     x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, bias_ptr,
     M, N, N8, K, k_split, stride_xm, stride_os, stride_om,
-    BM: tl.constexpr, BN: tl.constexpr, ROWS: tl.constexpr, G: tl.constexpr, GCH: tl.constexpr, STAGES: tl.constexpr,
-    TO_WORKSPACE: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, ROWS: tl.constexpr, G: tl.constexpr, GCH: tl.constexpr,
+    TO_WORKSPACE: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr, ROW_WORDS: tl.constexpr,
+    EVEN_N: tl.constexpr,
 ):  # fmt: skip
     """Row-streaming GEMV: a program owns ``BN`` columns and ``k_split`` rows of ``W``.
 
@@ -60,14 +69,19 @@ def _gemv_kernel(
     k_begin = pid_k * k_split
     k_end = tl.minimum(k_begin + k_split, K)
 
+    # ROW_WORDS = N / 8 as a compile-time constant makes every row's address base + immediate offset (SASS: 3.8
+    # instead of 4.3 instructions per weight at one word per thread); 0 = read N8 at run time
+    row_words = N8
+    if ROW_WORDS > 0:
+        row_words = ROW_WORDS
     acc0 = tl.zeros([BN], dtype=tl.float32)
     acc1 = tl.zeros([BN], dtype=tl.float32)
     acc2 = tl.zeros([BN], dtype=tl.float32)
     acc3 = tl.zeros([BN], dtype=tl.float32)
     for g0 in range(k_begin, k_end, GCH):
         grp = g0 // G
-        z16 = 16.0 + nibble_value(unpack_row(tl.load(qz_ptr + grp * N8 + offs_n8, mask=mask_n8, other=0), BN))
-        s = tl.load(s_ptr + grp * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        z16 = 16.0 + nibble_value(unpack_row(_load_cols(qz_ptr + grp * N8 + offs_n8, mask_n8, EVEN_N), BN))
+        s = _load_cols(s_ptr + grp * N + offs_n, mask_n, EVEN_N).to(tl.float32)
         # chunk partials: d = sum_k x_k (1 + q_k / 16), sx = sum_k x_k
         d0 = tl.zeros([BN], dtype=tl.float32)
         d1 = tl.zeros([BN], dtype=tl.float32)
@@ -77,22 +91,25 @@ def _gemv_kernel(
         sx1 = 0.0
         sx2 = 0.0
         sx3 = 0.0
-        for r0 in tl.range(g0, g0 + GCH, ROWS, num_stages=STAGES):
+        for r0 in range(g0, g0 + GCH, ROWS):
+            # one 64-bit base per step; rows are base + r * row_words (an immediate offset when it is a constant)
+            w_row = qw_ptr + r0 * row_words + offs_n8
+            x_row = x_ptr + r0
             for r in tl.static_range(ROWS):
-                f = unpack_row_one_plus(tl.load(qw_ptr + (r0 + r) * N8 + offs_n8, mask=mask_n8, other=0), BN, ASM)
-                xv = tl.load(x_ptr + r0 + r).to(tl.float32)
+                f = unpack_row_one_plus(_load_cols(w_row + r * row_words, mask_n8, EVEN_N), BN, ASM)
+                xv = tl.load(x_row + r).to(tl.float32)
                 d0 += f * xv
                 sx0 += xv
                 if BM > 1:
-                    xv = tl.load(x_ptr + stride_xm + r0 + r).to(tl.float32)
+                    xv = tl.load(x_row + stride_xm + r).to(tl.float32)
                     d1 += f * xv
                     sx1 += xv
                 if BM > 2:
-                    xv = tl.load(x_ptr + 2 * stride_xm + r0 + r).to(tl.float32)
+                    xv = tl.load(x_row + 2 * stride_xm + r).to(tl.float32)
                     d2 += f * xv
                     sx2 += xv
                 if BM > 3:
-                    xv = tl.load(x_ptr + 3 * stride_xm + r0 + r).to(tl.float32)
+                    xv = tl.load(x_row + 3 * stride_xm + r).to(tl.float32)
                     d3 += f * xv
                     sx3 += xv
         acc0 += s * (16.0 * d0 - z16 * sx0)
@@ -128,97 +145,6 @@ def _gemv_kernel(
             tl.store(base + 2 * stride_om, acc2.to(ty), mask=mask_n)
         if BM > 3:
             tl.store(base + 3 * stride_om, acc3.to(ty), mask=mask_n)
-
-
-@triton.jit
-def _slice_step(w, x_ptr, rows, stride_xm, d0, d1, sx0, sx1, BM: tl.constexpr, BN: tl.constexpr, ASM: tl.constexpr):
-    """One ``[R, BN / 8]`` word tile into the per-row accumulators of up to two activation rows."""
-    f = unpack_tile_one_plus(w, BN, ASM)
-    xv = tl.load(x_ptr + rows).to(tl.float32)
-    d0 += f * xv[:, None]
-    sx0 += xv
-    if BM > 1:
-        xv = tl.load(x_ptr + stride_xm + rows).to(tl.float32)
-        d1 += f * xv[:, None]
-        sx1 += xv
-    return d0, d1, sx0, sx1
-
-
-@triton.jit(do_not_specialize=["M", "stride_os"])
-def _gemv_slice_kernel(
-    x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, bias_ptr,
-    M, N, N8, K, k_split, stride_xm, stride_os, stride_om,
-    BM: tl.constexpr, BN: tl.constexpr, R: tl.constexpr, U: tl.constexpr, G: tl.constexpr, GCH: tl.constexpr,
-    STAGES: tl.constexpr,
-    TO_WORKSPACE: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
-):  # fmt: skip
-    """GEMV whose warps share one K slice: a program owns ``BN`` columns and ``k_split`` rows, walked as
-    ``[R, BN / 8]`` word tiles (``R`` rows side by side over lanes and warps, 16-byte loads), ``U`` tiles loaded
-    before any is used.
-
-    Every thread accumulates its own rows' ``f = 1 + q/16`` products elementwise (no cross-thread traffic in the
-    loop); the rows are summed across lanes and warps once per group chunk (``GCH`` rows), where the group's scale
-    and zero are applied to ``[BN]`` vectors: ``s (16 sum_k x_k f_k - (16 + z) sum_k x_k)``. Against the
-    row-streaming kernel (one row per step and program) this writes ``R``-fold fewer split-K partials for the same
-    number of resident threads, and spends fewer instructions per weight on addresses and activation loads.
-    """
-    BN8: tl.constexpr = BN // 8
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_n8 = pid_n * BN8 + tl.arange(0, BN8)
-    mask_n = offs_n < N
-    mask_n8 = offs_n8 < N8
-    rr = tl.arange(0, R)
-    k_begin = pid_k * k_split
-    k_end = tl.minimum(k_begin + k_split, K)
-
-    acc0 = tl.zeros([BN], dtype=tl.float32)
-    acc1 = tl.zeros([BN], dtype=tl.float32)
-    for g0 in range(k_begin, k_end, GCH):
-        d0 = tl.zeros([R, BN], dtype=tl.float32)
-        d1 = tl.zeros([R, BN], dtype=tl.float32)
-        sx0 = tl.zeros([R], dtype=tl.float32)
-        sx1 = tl.zeros([R], dtype=tl.float32)
-        for r0 in tl.range(g0, g0 + GCH, R * U, num_stages=STAGES):
-            # all U tiles are requested before the first is unpacked (written out: in a static loop of load + use,
-            # ptxas reused one tile's registers for the next and kept a single 16-byte load in flight per thread)
-            w_ptrs = qw_ptr + (r0 + rr)[:, None] * N8 + offs_n8[None, :]
-            w0 = tl.load(w_ptrs, mask=mask_n8[None, :], other=0)
-            if U > 1:
-                w1 = tl.load(w_ptrs + R * N8, mask=mask_n8[None, :], other=0)
-            if U > 2:
-                w2 = tl.load(w_ptrs + 2 * R * N8, mask=mask_n8[None, :], other=0)
-            if U > 3:
-                w3 = tl.load(w_ptrs + 3 * R * N8, mask=mask_n8[None, :], other=0)
-            d0, d1, sx0, sx1 = _slice_step(w0, x_ptr, r0 + rr, stride_xm, d0, d1, sx0, sx1, BM, BN, ASM)
-            if U > 1:
-                d0, d1, sx0, sx1 = _slice_step(w1, x_ptr, r0 + R + rr, stride_xm, d0, d1, sx0, sx1, BM, BN, ASM)
-            if U > 2:
-                d0, d1, sx0, sx1 = _slice_step(w2, x_ptr, r0 + 2 * R + rr, stride_xm, d0, d1, sx0, sx1, BM, BN, ASM)
-            if U > 3:
-                d0, d1, sx0, sx1 = _slice_step(w3, x_ptr, r0 + 3 * R + rr, stride_xm, d0, d1, sx0, sx1, BM, BN, ASM)
-        grp = g0 // G
-        z16 = 16.0 + nibble_value(unpack_row(tl.load(qz_ptr + grp * N8 + offs_n8, mask=mask_n8, other=0), BN))
-        s = tl.load(s_ptr + grp * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        acc0 += s * (16.0 * tl.sum(d0, axis=0) - z16 * tl.sum(sx0, axis=0))
-        if BM > 1:
-            acc1 += s * (16.0 * tl.sum(d1, axis=0) - z16 * tl.sum(sx1, axis=0))
-
-    if TO_WORKSPACE:
-        base = out_ptr + pid_k * stride_os + offs_n
-        tl.store(base, acc0, mask=mask_n)
-        if BM > 1:
-            tl.store(base + stride_om, acc1, mask=mask_n)
-    else:
-        if HAS_BIAS:
-            b = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            acc0 += b
-            acc1 += b
-        ty = out_ptr.dtype.element_ty
-        tl.store(out_ptr + offs_n, acc0.to(ty), mask=mask_n)
-        if BM > 1:
-            tl.store(out_ptr + stride_om + offs_n, acc1.to(ty), mask=mask_n)
 
 
 @triton.jit(do_not_specialize=["MN", "SPLIT"])
@@ -271,14 +197,6 @@ def finish_split_k(
     return out
 
 
-def slice_tile_rows(block_n: int, num_warps: int) -> int:
-    """Rows ``R`` of the slice GEMV's ``[R, block_n / 8]`` word tile: Triton lays an int32 tile out with 16-byte
-    loads, so ``block_n / 32`` lanes (at most 32) cover a row; the warp's other lanes and the other warps take rows.
-    A tile of exactly this many rows gives every thread one 16-byte load and no replicated work."""
-    lanes_per_row = max(1, min(32, block_n // 32))
-    return (32 // lanes_per_row) * num_warps
-
-
 def k_slices(k: int, group_size: int, split_k: int, granule: int) -> tuple[int, int]:
     """``(rows per K slice, slices)`` for about ``split_k`` slices: whole groups, or equal parts of one group down to
     ``granule`` rows (so that narrow layers get enough programs); no empty slices."""
@@ -304,41 +222,30 @@ def gemv(
     rows: int = 8,
     split_k: int = 1,
     num_warps: int = 1,
-    stages: int = 1,
-    shared_k: bool = False,
+    specialize_n: bool = True,
     partials: bool = False,
 ) -> torch.Tensor | Partials:
-    """``x [M, K] @ W (+ bias)`` for small ``M`` on CUDA cores (``partials``: see :func:`finish_split_k`).
+    """``x [M, K] @ W (+ bias)`` for ``M <= 4`` on CUDA cores (``partials``: see :func:`finish_split_k`).
 
-    Row-streaming kernel (``M <= 4``): ``block_n`` should be ``256 * num_warps`` times 1, 2 or 4 (4-, 8- or 16-byte
-    weight loads per thread; less makes Triton replicate work across threads); ``rows`` rows are loaded ahead.
-    ``shared_k`` (``M <= 2``): the slice kernel, whose warps share a K slice in tiles of
-    :func:`slice_tile_rows` rows, ``rows`` tiles loaded ahead (1-4). ``split_k`` K slices are whole groups, or
-    equal parts of one group (so narrow layers get enough programs). ``stages > 1`` lets Triton's pipeliner stage
-    the weight through shared memory with cp.async, ``stages - 1`` loop steps ahead (bytes in flight without
-    registers held; ptxas otherwise tends to issue a step's loads only after the previous step's math).
+    ``block_n`` should be ``256 * num_warps`` times 1, 2 or 4 (4-, 8- or 16-byte weight loads per thread; less makes
+    Triton replicate work across threads); ``rows`` rows are loaded ahead. ``split_k`` K slices are whole groups, or
+    equal parts of one group (so narrow layers get enough programs). ``specialize_n`` compiles the row length in
+    (one compilation per layer width; off only to measure what it gains).
     """
     m, k = x.shape
     n = scales.shape[1]
-    assert 1 <= m <= (2 if shared_k else 4), "the GEMV takes at most 4 rows (the slice GEMV 2)"
-    assert x.stride(1) == 1
-    if shared_k:
-        tile_rows = slice_tile_rows(block_n, num_warps)
-        rows = max(1, min(rows, 4, group_size // tile_rows))
-        granule = tile_rows * rows
-    else:
-        rows = granule = min(rows, group_size)
-    assert group_size % granule == 0, (group_size, granule)
-    k_split, split_k = k_slices(k, group_size, split_k, granule)
+    assert 1 <= m <= 4, "the GEMV takes at most 4 rows"
+    rows = min(rows, group_size)
+    assert x.stride(1) == 1 and group_size % rows == 0, (group_size, rows)
+    k_split, split_k = k_slices(k, group_size, split_k, rows)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     dest = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
     grid = (triton.cdiv(n, block_n), split_k)
-    args = (x, qweight, qzeros, scales, dest, bias if bias is not None else out,
-            m, n, n // 8, k, k_split, x.stride(0), m * n, n)  # fmt: skip
-    common = dict(BM=m, BN=block_n, G=group_size, GCH=min(group_size, k_split), TO_WORKSPACE=split_k > 1,
-                  HAS_BIAS=bias is not None, ASM=not interpreting(), STAGES=stages, num_warps=num_warps)  # fmt: skip
-    if shared_k:
-        _gemv_slice_kernel[grid](*args, R=tile_rows, U=rows, **common)
-    else:
-        _gemv_kernel[grid](*args, ROWS=rows, **common)
+    _gemv_kernel[grid](
+        x, qweight, qzeros, scales, dest, bias if bias is not None else out,
+        m, n, n // 8, k, k_split, x.stride(0), m * n, n,
+        BM=m, BN=block_n, ROWS=rows, G=group_size, GCH=min(group_size, k_split),
+        TO_WORKSPACE=split_k > 1, HAS_BIAS=bias is not None, ASM=not interpreting(),
+        ROW_WORDS=n // 8 if specialize_n else 0, EVEN_N=n % block_n == 0, num_warps=num_warps,
+    )  # fmt: skip
     return finish_split_k(dest, out, bias, partials)
