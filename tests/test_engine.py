@@ -589,15 +589,22 @@ for has_residual in (True, False):
     consts = dict(HAS_RESIDUAL=has_residual, BLOCK=4096)
     triton.compile(ASTSource(fn=fused._add_rms_norm_kernel, signature={**sig, **{k: "constexpr" for k in consts}},
                              constexprs=consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": 16})
-ptrs = {n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr", "qn_ptr", "kn_ptr", "cache_ptr", "q_out_ptr")}
-ints = ["stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_cr", "stride_ckv",
-        "stride_ch", "stride_cp"]
-sig = {**ptrs, "cos_ptr": "*fp32", "sin_ptr": "*fp32", "rows_ptr": "*i64", "pos_ptr": "*i64",
-       **{n: "i32" for n in ints}, "eps": "fp32"}
-for has_norm in (True, False):
-    consts = dict(H=28, D=128, HAS_NORM=has_norm)
-    triton.compile(ASTSource(fn=fused._rope_cache_kernel, signature={**sig, **{k: "constexpr" for k in consts}},
-                             constexprs=consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
+# the rope and SiLU kernels on finished outputs (bf16, one split) and on split-K partials (fp32, a bias)
+for parts, bias, sb in (("*bf16", False, 1), ("*fp32", True, 64)):
+    sig = {"parts_ptr": parts, "bias_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "qn_ptr": "*bf16",
+           "kn_ptr": "*bf16", "cache_ptr": "*bf16", "rows_ptr": "*i64", "pos_ptr": "*i64", "q_out_ptr": "*bf16",
+           **{n: "i32" for n in ("S", "stride_ps", "stride_pt", "stride_cr", "stride_ckv", "stride_ch", "stride_cp")},
+           "eps": "fp32"}
+    for has_norm in (True, False):
+        consts = dict(H=28, HKV=4, D=128, HAS_NORM=has_norm, HAS_BIAS=bias, SB=sb)
+        triton.compile(ASTSource(fn=fused._rope_cache_kernel, signature={**sig, **{k: "constexpr" for k in consts}},
+                                 constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": max(1, sb * 128 // 1024)})
+    sig = {"parts_ptr": parts, "bias_ptr": "*bf16", "out_ptr": "*bf16",
+           **{n: "i32" for n in ("S", "n_cols", "stride_ps", "stride_pt")}}
+    consts = dict(HAS_BIAS=bias, SB=sb, BLOCK=1024 // sb)
+    triton.compile(ASTSource(fn=fused._silu_mul_kernel, signature={**sig, **{k: "constexpr" for k in consts}},
+                             constexprs=consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 print("sm_90 compile ok")
 """
 
@@ -629,46 +636,43 @@ def test_fused_norm_kernel_matches_eager(dtype, hidden):
     assert ops.add_rms_norm is not M.add_rms_norm  # the self-check kept the kernel
 
 
-@pytest.mark.parametrize("qk_norm", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_rope_kernel_matches_eager(dtype, qk_norm):
-    """Rotary embedding + KV-cache write in one kernel (Triton's interpreter) against the model's PyTorch function:
-    q from a strided view of a fused qkv output, k/v written at scattered cache rows and positions, the rest of the
-    cache untouched, with and without Qwen3's per-head q/k norm."""
+def split_in_three(module: torch.nn.Module, x: torch.Tensor):
+    """``module(x)`` as a GPU split-K linear hands it to the fused kernels: three random fp32 partial sums of
+    ``x @ W`` and the module's bias, still to add."""
+    from awqkit.kernels.common import Partials
+
+    bias = getattr(module, "bias", None)
+    y = module(x).float() - (0 if bias is None else bias.float())
+    g = torch.Generator().manual_seed(y.numel())
+    a, b = (torch.randn(y.shape, generator=g) * y.std() for _ in range(2))
+    return Partials(torch.stack((a, b, y - a - b)), bias)
+
+
+@pytest.mark.parametrize("family,splits", [("qwen2", 3), ("qwen3", 3), ("qwen2", 1)])
+def test_fused_kernels_in_the_model(family, splits, tmp_path, monkeypatch):
+    """The whole decoder with the GPU's fused norm, rope and SiLU kernels (interpreted) gives the eager model's
+    logits, prefill and decode, cache included (Qwen2: qkv bias; Qwen3: q/k norm). The linears hand the rope and
+    SiLU kernels their output as one split (a CPU linear) or, as a split-K GPU linear does, as three fp32 partial
+    sums with the bias left to add."""
     pytest.importorskip("triton")
     from awqkit.engine import fused
     from awqkit.engine import model as M
-
-    g = torch.Generator().manual_seed(5)
-    N, H, Hkv, D = 3, 4, 2, 32
-    qkv = torch.randn(N, (H + 2 * Hkv) * D, generator=g).to(dtype)
-    q, k, v = (t.view(N, -1, D) for t in qkv.split([H * D, Hkv * D, Hkv * D], dim=-1))
-    angles = torch.rand(N, D // 2, generator=g) * 6.3
-    cos, sin = torch.cat((angles, angles), -1).cos(), torch.cat((angles, angles), -1).sin()
-    norms = [(torch.rand(D, generator=g) + 0.5).to(dtype) for _ in range(2)] if qk_norm else [None, None]
-    rows, positions = torch.tensor([4, 1, 5]), torch.tensor([15, 0, 7])
-    caches = [torch.randn(6, 2, Hkv, 16, D, generator=torch.Generator().manual_seed(1)).to(dtype) for _ in range(2)]
-    got = fused.rope_and_cache(q, k, v, cos, sin, *norms, 1e-6, caches[0], rows, positions)
-    want = M.rope_and_cache(q, k, v, cos, sin, *norms, 1e-6, caches[1], rows, positions)
-    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)
-    torch.testing.assert_close(got, want, **tol)
-    torch.testing.assert_close(caches[0], caches[1], **tol)  # the written rows and everything else
-
-
-@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
-def test_fused_kernels_in_the_model(family, tmp_path):
-    """The whole decoder with the GPU's fused norm and rope kernels (interpreted) gives the eager model's logits,
-    prefill and decode, cache included (Qwen2: qkv bias; Qwen3: q/k norm)."""
-    pytest.importorskip("triton")
-    from awqkit.engine import fused
 
     model = tiny_model(family)
     path = save_checkpoint(model, tmp_path / family, quantize_rtn(model, QuantConfig(group_size=32)))
     engines = [Engine.from_checkpoint(path, max_num_seqs=2, max_model_len=64) for _ in range(2)]
     ops = engines[1].model.layers[0].attn.ops  # one Ops object serves every layer
-    ops.__init__(compile=False, fused_norm=True, fused_rope=True)
+    ops.__init__(compile=False, fused_norm=True, fused_partials=True)
     ops.check(torch.device("cpu"), torch.float32)
-    assert ops.rope_and_cache is fused.rope_and_cache  # the self-check kept the kernel
+    assert ops.partials and ops.rope_and_cache is fused.rope_and_cache  # the self-check kept the kernels
+    called = set()
+    helper = split_in_three if splits == 3 else M.linear_partials
+
+    def spy(module, x):
+        called.add(module)
+        return helper(module, x)
+
+    monkeypatch.setattr(M, "linear_partials", spy)
     prompts = random_token_blocks(2, 9, seed=2)
     outs = [e.generate(prompts, SamplingParams(max_new_tokens=5, temperature=0, ignore_eos=True)) for e in engines]
     assert [o.token_ids for o in outs[0]] == [o.token_ids for o in outs[1]]
@@ -676,6 +680,7 @@ def test_fused_kernels_in_the_model(family, tmp_path):
         tokens, positions = torch.tensor(prompts), torch.arange(9).expand(2, 9)
         logits = [e.model(tokens, positions, 0, 9, logits="all") for e in engines]
     torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
+    assert called == {m for layer in engines[1].model.layers for m in (layer.attn.qkv, layer.mlp.gate_up)}
 
 
 def test_fused_kernels_compile_for_hopper():

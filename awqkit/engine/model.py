@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -33,11 +34,15 @@ from awqkit.formats import gemm
 from awqkit.formats.config import QuantConfig
 from awqkit.nn import AWQLinear, fuse_awq_linears
 
+if TYPE_CHECKING:
+    from awqkit.kernels.common import Partials
+
 log = logging.getLogger(__name__)
 
 # --- the pointwise pieces of a layer -----------------------------------------------------------------------------
 # Written once as plain PyTorch. On CUDA each is torch.compile'd into one kernel, which matters at decode: a step is
-# ~12 kernels a layer, and unfused these would be ~35 (the norms use a hand-written kernel there instead:
+# ~12 kernels a layer, and unfused these would be ~35 (the norms, the rotary embedding and the SiLU use hand-written
+# kernels there instead, the last two also summing the split-K partials of the linear before them:
 # :mod:`awqkit.engine.fused`). On CPU they run eagerly (tests, embedded default).
 
 
@@ -99,16 +104,33 @@ def _allow_recompiles(limit: int = 64) -> None:
     setattr(config, name, max(getattr(config, name), limit))
 
 
+def _random_partials(
+    splits: int, n: int, cols: int, device: torch.device, dtype: torch.dtype, g: torch.Generator
+) -> Partials:
+    """A linear's output ``[n, cols]`` as the kernels hand it on: ``splits`` fp32 partial sums and a bias, or the
+    finished output in ``dtype`` when ``splits == 1``."""
+    from awqkit.kernels.common import Partials  # needs Triton, as the fused kernels that take these do
+
+    parts = torch.randn(splits, n, cols, device=device, generator=g)
+    if splits == 1:
+        return Partials(parts.to(dtype), None)
+    return Partials(parts, torch.randn(cols, device=device, generator=g).to(dtype))
+
+
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     a, b = a.float(), b.float()
     return bool((a - b).abs().max() <= 0.02 * b.abs().max() + 1e-3)
 
 
 class Ops:
-    """The pointwise functions a model uses: compiled (fused kernels) or eager; ``fused_norm`` / ``fused_rope``: the
-    norms / the rotary embedding and KV write as :mod:`awqkit.engine.fused`'s Triton kernels."""
+    """The pointwise functions a model uses: compiled (fused kernels) or eager; ``fused_norm``: the norms as
+    :mod:`awqkit.engine.fused`'s Triton kernels; ``fused_partials``: the rotary embedding + KV write and the SiLU as
+    its kernels that also finish the qkv / gate_up linears (``partials`` is then on: the layers hand those kernels
+    the linears' unreduced :class:`~awqkit.kernels.common.Partials`, and ``rope_and_cache`` / ``silu_mul`` take
+    them, with :func:`awqkit.engine.fused.rope_and_cache`'s and :func:`~awqkit.engine.fused.silu_mul`'s
+    signatures)."""
 
-    def __init__(self, compile: bool, fused_norm: bool = False, fused_rope: bool = False) -> None:
+    def __init__(self, compile: bool, fused_norm: bool = False, fused_partials: bool = False) -> None:
         if compile:
             _allow_recompiles()
 
@@ -137,38 +159,55 @@ class Ops:
             self.add_rms_norm = lambda x, residual, weight, eps: fused.add_rms_norm(x, residual, weight, eps)
         self.rope_and_cache = wrap(rope_and_cache)
         self.silu_mul = wrap(silu_mul)
-        if fused_rope:
-            self.rope_and_cache = fused.rope_and_cache
+        self.partials = fused_partials
+        if fused_partials:
+            self.rope_and_cache, self.silu_mul = fused.rope_and_cache, fused.silu_mul
 
     def check(self, device: torch.device, dtype: torch.dtype) -> None:
         """Compile ``rope_and_cache`` (or run its fused kernel) now and compare it with the eager function, the cache
-        write included (the one function that mutates an input), and the norms likewise; fall back to eager where
-        they differ."""
+        write included (the one function that mutates an input), and the norms likewise; with ``partials``, the
+        kernels get split-K partials with a bias (and the plain one-split case), SiLU included. Fall back to eager
+        where they differ."""
         g = torch.Generator(device=device).manual_seed(0)
         self._check_norms(device, dtype, g)
         if self.rope_and_cache is rope_and_cache:
             return
-        for n in (1, 3):  # torch.compile specialises size 1: check both kernels
-            q, k, v = (torch.randn(n, h, 32, device=device, dtype=dtype, generator=g) for h in (4, 2, 2))
-            angles = torch.rand(n, 32, device=device, generator=g) * 6.3  # real rotary tables: cos/sin of angles
-            cos, sin = angles.cos(), angles.sin()
-            norms = (torch.rand(32, device=device, dtype=dtype, generator=g) + 0.5 for _ in range(2))
-            caches = [torch.zeros(6, 2, 2, 16, 32, device=device, dtype=dtype) for _ in range(2)]
-            rows, positions = torch.tensor([4, 1, 5][:n], device=device), torch.tensor([15, 0, 7][:n], device=device)
-            args = (q, k, v, cos, sin, *norms, 1e-6)
-            fns = (self.rope_and_cache, rope_and_cache)
-            try:
-                outs = [fn(*args, cache, rows, positions) for fn, cache in zip(fns, caches)]
-            except Exception as e:  # noqa: BLE001 - a kernel that cannot run here: use the eager function
-                log.warning("rope_and_cache failed on %s (%s); running it eagerly", device, e)
-                self.rope_and_cache = rope_and_cache
-                return
-            # the compiled kernel keeps fp32 intermediates that eager rounds to ``dtype``: allow that rounding
-            # (2 % of the largest value), not a wrong write or a wrong rotation (errors of order one)
-            if not (_close(outs[0], outs[1]) and _close(*caches)):
-                log.warning("rope_and_cache disagrees with eager on %s; running it eagerly", device)
-                self.rope_and_cache = rope_and_cache
-                return
+        try:
+            # torch.compile specialises size 1: check both kernels; the fused ones with and without splits
+            ok = all(self._check_rope(n, splits, device, dtype, g) for n, splits in ((1, 3), (3, 1), (3, 3)))
+            ok = ok and (not self.partials or self._check_silu(device, dtype, g))
+        except Exception as e:  # noqa: BLE001 - a kernel that cannot run here: use the eager functions
+            log.warning("rope_and_cache / silu_mul failed on %s (%s); running them eagerly", device, e)
+            ok = False
+        if not ok:
+            log.warning("rope_and_cache / silu_mul disagree with eager on %s; running them eagerly", device)
+            if self.partials:
+                self.partials, self.silu_mul = False, silu_mul
+            self.rope_and_cache = rope_and_cache
+
+    def _check_rope(self, n: int, splits: int, device: torch.device, dtype: torch.dtype, g: torch.Generator) -> bool:
+        H, Hkv, D = 4, 2, 32
+        if self.partials:
+            qkv = _random_partials(splits, n, (H + 2 * Hkv) * D, device, dtype, g)
+            y = qkv.total(dtype)
+        else:
+            y = torch.randn(n, (H + 2 * Hkv) * D, device=device, dtype=dtype, generator=g)
+        q, k, v = (t.view(n, -1, D) for t in y.split([H * D, Hkv * D, Hkv * D], dim=-1))
+        angles = torch.rand(n, D, device=device, generator=g) * 6.3  # real rotary tables: cos/sin of angles
+        norms = [torch.rand(D, device=device, dtype=dtype, generator=g) + 0.5 for _ in range(2)]
+        args = (angles.cos(), angles.sin(), *norms, 1e-6)
+        caches = [torch.zeros(6, 2, Hkv, 16, D, device=device, dtype=dtype) for _ in range(2)]
+        rows, positions = torch.tensor([4, 1, 5][:n], device=device), torch.tensor([15, 0, 7][:n], device=device)
+        heads = (qkv, H, Hkv) if self.partials else (q, k, v)
+        got = self.rope_and_cache(*heads, *args, caches[0], rows, positions)
+        want = rope_and_cache(q, k, v, *args, caches[1], rows, positions)
+        # the compiled kernel keeps fp32 intermediates that eager rounds to ``dtype``: allow that rounding
+        # (2 % of the largest value), not a wrong write or a wrong rotation (errors of order one)
+        return _close(got, want) and _close(*caches)
+
+    def _check_silu(self, device: torch.device, dtype: torch.dtype, g: torch.Generator) -> bool:
+        gate_up = _random_partials(3, 2, 2 * 72, device, dtype, g)  # 72 columns: a partial block
+        return _close(self.silu_mul(gate_up, dtype), silu_mul(gate_up.total(dtype)))
 
     def _check_norms(self, device: torch.device, dtype: torch.dtype, g: torch.Generator) -> None:
         x, residual = (torch.randn(3, 576, device=device, dtype=dtype, generator=g) for _ in range(2))
@@ -198,6 +237,17 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
+
+
+def linear_partials(module: nn.Module, x: torch.Tensor) -> Partials:
+    """``module(x)`` for a fused consumer kernel: an :class:`~awqkit.nn.AWQLinear` on the GPU kernels leaves its
+    split-K sums unreduced; anything else (a float :class:`Linear`, a CPU layer) hands on its finished output as
+    the one split."""
+    from awqkit import kernels  # needs Triton, as the consumers do
+
+    if isinstance(module, AWQLinear) and x.is_cuda and kernels.available():
+        return kernels.awq_linear(x, module, partials=True)
+    return kernels.Partials(module(x)[None], None)
 
 
 class RMSNorm(nn.Module):
@@ -255,11 +305,17 @@ class Attention(nn.Module):
         """``x [N, hidden]``; ``cache [layers * slots, 2, Hkv, L, D]``, every layer's rows."""
         N, B, T = x.shape[0], step.batch, step.length
         H, Hkv, D = self.n_heads, self.n_kv, self.head_dim
-        q, k, v = self.qkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
-        q = self.ops.rope_and_cache(
-            q.view(N, H, D), k.view(N, Hkv, D), v.view(N, Hkv, D), step.cos, step.sin, self.q_norm, self.k_norm,
-            self.eps, cache, step.cache_rows[self.layer], step.positions,
-        )  # fmt: skip
+        if self.ops.partials:  # the rotary kernel finishes the qkv linear
+            q = self.ops.rope_and_cache(
+                linear_partials(self.qkv, x), H, Hkv, step.cos, step.sin, self.q_norm, self.k_norm, self.eps, cache,
+                step.cache_rows[self.layer], step.positions,
+            )  # fmt: skip
+        else:
+            q, k, v = self.qkv(x).split([H * D, Hkv * D, Hkv * D], dim=-1)
+            q = self.ops.rope_and_cache(
+                q.view(N, H, D), k.view(N, Hkv, D), v.view(N, Hkv, D), step.cos, step.sin, self.q_norm, self.k_norm,
+                self.eps, cache, step.cache_rows[self.layer], step.positions,
+            )  # fmt: skip
         if step.slots is None:
             first = self.layer * step.num_slots + step.slot_start
             rows = cache[first : first + B, :, :, : step.kv_len]
@@ -285,6 +341,8 @@ class MLP(nn.Module):
         self.gate_up, self.down, self.ops = gate_up, down, ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ops.partials:  # the SiLU kernel finishes the gate_up linear
+            return self.down(self.ops.silu_mul(linear_partials(self.gate_up, x), x.dtype))
         return self.down(self.ops.silu_mul(self.gate_up(x)))
 
 
@@ -476,7 +534,7 @@ def build_model(
         compile: torch.compile the pointwise pieces (CUDA).
     """
     kernels = compile and fused.available()
-    ops = Ops(compile, fused_norm=kernels, fused_rope=kernels and fused.rope_supported(cfg.head_dim))
+    ops = Ops(compile, fused_norm=kernels, fused_partials=kernels and fused.rope_supported(cfg.head_dim))
     if compile:
         ops.check(device, dtype)
 
