@@ -114,8 +114,8 @@ def pick_config(m: int, n: int, k: int, group_size: int, sms: int) -> Config:
 
     Rules (H100 sweeps, docs/kernels-notes.md, runs 7-10):
 
-    * M = 1 (and M = 2 on wide layers): the CUDA-core split-K GEMV (~24 warps per SM of independent row streams;
-      narrow layers split along K down to parts of a group, wide ones use 1024-column programs).
+    * M = 1 (and M = 2 on wide layers): the CUDA-core split-K GEMV (~24-32 one-warp programs per SM of independent
+      row streams, split along K down to parts of a group; M = 2: 1024-column programs).
     * M <= 16: nibble-plane tensor-core kernel with the per-step fp32 scale/zero correction, one 16-row tile,
       256 columns and 2 warps per program (4 resident per SM), split along K to fill one wave of resident programs
       with >= 4 K steps each (:func:`wave_split`).
@@ -127,13 +127,13 @@ def pick_config(m: int, n: int, k: int, group_size: int, sms: int) -> Config:
     """
     wide = n >= 16384
     if m == 1 or (m == 2 and wide):
-        if m == 1:
-            block_n, warps, pps = (1024, 2, 12) if wide else (256, 1, 24)
-        else:  # per-row accumulators double the registers: half-width programs
-            block_n, warps, pps = 512, 1, 12
-        split = _split_for(triton.cdiv(n, block_n), max(1, k // 8), sms, pps)
+        # one word (8 columns) per thread and row at M = 1, the row length compiled in (immediate row offsets):
+        # session 4's sweep, every layer; wide layers ~32 programs per SM (gate_up 36.4 us vs 38.1 with v3's 1024-
+        # column programs, Llama-3-8B's 31.6 vs 34.4). M = 2: 1024 columns, 2 warps, 16 rows ahead (51.5 us).
+        block_n, warps, rows, pps = (256, 1, 8, 32 if wide else 24) if m == 1 else (1024, 2, 16, 32)
+        split = _split_for(triton.cdiv(n, block_n), max(1, k // rows), sms, pps)
         split = max(1, min(split, k // (32 * m)))  # workspace <= weight bytes / 4
-        return Config("gemv", block_n=block_n, split_k=split, num_warps=warps, rows=8)
+        return Config("gemv", block_n=block_n, split_k=split, num_warps=warps, rows=rows)
     if m <= 16:
         return planes_config(m, n, k, group_size, sms, fold=False, block_m=16, bn8=32, warps=2, stages=2)
     fold32 = planes_config(m, n, k, group_size, sms, fold=True, block_m=32, bn8=32, warps=2)
