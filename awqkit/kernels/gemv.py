@@ -5,9 +5,10 @@ kernel is built to keep the memory system busy while spending as few instruction
 
 * each program owns ``BN`` output columns and a ``k_split`` slice of the input rows (split-K), so even a narrow layer
   (N = 3584) gives several programs per SM and a wide one (N = 37888) gives no long tail;
-* a tile ``[BK, BN]`` lies inside one quantization group (``G % BK == 0``), so the group's scale and zero are
-  factored out of the inner sum: per weight the work is shift, and|or (one LOP3), FADD (``q - z``, exact) and FFMA;
-  the scale is applied once per tile column: ``acc += s * sum_k x_k (q_k - z)``;
+* the rows of a program's chunk lie inside one quantization group, so the group's scale and zero are factored out
+  of the inner sum: per weight the work is one funnel shift and one LOP3 (``1 + q/16`` straight from the bits) and
+  one FFMA; the scale and zero are applied once per chunk and column (see :func:`_gemv_kernel`). The row length is
+  compiled in, so every row's address is an immediate offset from one base (3.7 instructions per weight in SASS);
 * with split-K the fp32 partial sums go to a workspace ``[split, M, N]`` and :func:`reduce_splits` adds them,
   the bias, and casts — deterministic, no atomics, no zero-fill, so it is CUDA-graph safe (the workspace size depends
   only on the shapes).
@@ -28,8 +29,6 @@ from awqkit.kernels.common import (
 )
 
 
-# M and the workspace stride change with every batch size: not specialising on them avoids a recompile per M.
-# N8 = N / 8 is passed (not computed) so Triton sees its divisibility by 16 and issues 16-byte weight loads.
 @triton.jit
 def _load_cols(ptrs, mask, EVEN_N: tl.constexpr):
     """A load along the columns: unmasked when no column block is partial (a masked load also zeroes its registers
@@ -39,6 +38,8 @@ def _load_cols(ptrs, mask, EVEN_N: tl.constexpr):
     return tl.load(ptrs, mask=mask, other=0)
 
 
+# M and the workspace stride change with every batch size: not specialising on them avoids a recompile per M.
+# N8 = N / 8 is passed (not computed) so Triton sees its divisibility by 16 and issues 16-byte weight loads.
 @triton.jit(do_not_specialize=["M", "stride_os"])
 def _gemv_kernel(
     x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, bias_ptr,
