@@ -36,7 +36,7 @@ import triton  # noqa: E402
 
 from awqkit.formats import gemm as fmt  # noqa: E402
 from awqkit.kernels.common import sm_count  # noqa: E402
-from awqkit.kernels.dispatch import Config, pick_config, run_config  # noqa: E402
+from awqkit.kernels.dispatch import Config, gemv_config, pick_config, run_config  # noqa: E402
 from awqkit.kernels.gemv import k_slices  # noqa: E402
 from awqkit.nn import AWQLinear  # noqa: E402
 
@@ -263,16 +263,12 @@ def gemv_candidates(m: int, n: int, k: int, sms: int) -> list[tuple[str, Config]
     """GEMV configurations to time against the shipped rule: columns and warps per program, rows loaded ahead, and
     a split-K factor for ~12, 24 or 32 programs per SM; plus the shipped config with the row length read at run
     time (what compiling it in gains)."""
-    from awqkit.kernels.dispatch import _split_for
-
     base = pick_config(m, n, k, GROUP, sms)
     out = [("runtime_n", replace(base, specialize_n=False))] if base.kernel == "gemv" else []
     for block_n, warps in ((256, 1), (512, 1), (512, 2), (1024, 2), (1024, 4)):
         for rows in (8, 16):
             for pps in (12, 24, 32):
-                split = _split_for(triton.cdiv(n, block_n), max(1, k // rows), sms, pps)
-                split = max(1, min(split, k // (32 * m)))
-                cfg = Config("gemv", block_n=block_n, split_k=split, num_warps=warps, rows=rows)
+                cfg = gemv_config(m, n, k, sms, block_n=block_n, warps=warps, rows=rows, pps=pps)
                 out.append((f"gemv bn{block_n} w{warps} r{rows} pps{pps}", cfg))
     return out
 

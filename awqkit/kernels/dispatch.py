@@ -108,6 +108,14 @@ def planes_config(
                   stages=stages, dq=4 if fold else 3, maxnreg=maxnreg)  # fmt: skip
 
 
+def gemv_config(m: int, n: int, k: int, sms: int, *, block_n: int, warps: int, rows: int, pps: int) -> Config:
+    """A GEMV launch of ``block_n``-column programs, split along K for ~``pps`` programs per SM (at most one slice
+    per ``rows`` rows, and a workspace of at most a quarter of the weight's bytes)."""
+    split = _split_for(triton.cdiv(n, block_n), max(1, k // rows), sms, pps)
+    split = max(1, min(split, k // (32 * m)))
+    return Config("gemv", block_n=block_n, split_k=split, num_warps=warps, rows=rows)
+
+
 @functools.lru_cache(maxsize=4096)
 def pick_config(m: int, n: int, k: int, group_size: int, sms: int) -> Config:
     """The configuration for ``[m, k] @ [k, n]`` at ``group_size`` on a GPU with ``sms`` multiprocessors.
@@ -131,9 +139,7 @@ def pick_config(m: int, n: int, k: int, group_size: int, sms: int) -> Config:
         # session 4's sweep, every layer; wide layers ~32 programs per SM (gate_up 36.4 us vs 38.1 with v3's 1024-
         # column programs, Llama-3-8B's 31.6 vs 34.4). M = 2: 1024 columns, 2 warps, 16 rows ahead (51.5 us).
         block_n, warps, rows, pps = (256, 1, 8, 32 if wide else 24) if m == 1 else (1024, 2, 16, 32)
-        split = _split_for(triton.cdiv(n, block_n), max(1, k // rows), sms, pps)
-        split = max(1, min(split, k // (32 * m)))  # workspace <= weight bytes / 4
-        return Config("gemv", block_n=block_n, split_k=split, num_warps=warps, rows=rows)
+        return gemv_config(m, n, k, sms, block_n=block_n, warps=warps, rows=rows, pps=pps)
     if m <= 16:
         return planes_config(m, n, k, group_size, sms, fold=False, block_m=16, bn8=32, warps=2, stages=2)
     fold32 = planes_config(m, n, k, group_size, sms, fold=True, block_m=32, bn8=32, warps=2)

@@ -70,7 +70,7 @@ def _gemv_kernel(
     k_begin = pid_k * k_split
     k_end = tl.minimum(k_begin + k_split, K)
 
-    # ROW_WORDS = N / 8 as a compile-time constant makes every row's address base + immediate offset (SASS: 3.8
+    # ROW_WORDS = N / 8 as a compile-time constant makes every row's address base + immediate offset (SASS: 3.7
     # instead of 4.3 instructions per weight at one word per thread); 0 = read N8 at run time
     row_words = N8
     if ROW_WORDS > 0:
