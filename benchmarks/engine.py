@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from awqkit import QuantConfig, quantize_rtn  # noqa: E402
 from awqkit.engine import Engine, SamplingParams  # noqa: E402
 from awqkit.formats.save import save_checkpoint  # noqa: E402
+from awqkit.kernels.common import set_pdl  # noqa: E402
 from benchmarks.shapes import QWEN2_7B  # noqa: E402
 
 SMALL = dict(
@@ -500,6 +501,7 @@ def main() -> None:
     ap.add_argument("--hf-budget-s", type=float, default=150.0, help="stop starting hf-bf16 batches after this")
     ap.add_argument("--workdir", default=None, help="where to save the int4 checkpoint (default: a temp dir)")
     ap.add_argument("--context-only", action="store_true", help="stop after the long-context memory row")
+    ap.add_argument("--skip-no-pdl", action="store_true", help="no int4 rows with programmatic dependent launch off")
     args = ap.parse_args()
 
     device = torch.device(args.device)
@@ -595,6 +597,24 @@ def main() -> None:
         print("int4 batch-1 decode, per kernel (us per token):")
         for r in result["profile_int4_batch1"][:15]:
             print(f"  {r['us_per_token']:8.1f} us  x{r['launches_per_token']:5.1f}  {r['kernel']}")
+        save()
+    if device.type == "cuda" and not args.skip_no_pdl:
+        # the same engine with every kernel launched the ordinary way: what programmatic dependent launch gains, and
+        # a race check (every kernel is deterministic, so greedy tokens must be identical with PDL on and off)
+        check_prompts = prompts_for(4, args.prompt, config.vocab_size, seed=99)
+        greedy = SamplingParams(max_new_tokens=48, temperature=0, ignore_eos=True)
+        with_pdl = [r.token_ids for r in engine.generate(check_prompts, greedy)]
+        del engine
+        gc.collect()
+        set_pdl(0)
+        engine = Engine.from_checkpoint(
+            ckpt, device=device, dtype=dtype, max_num_seqs=max(args.batches), max_model_len=max_len
+        )
+        without = [r.token_ids for r in engine.generate(check_prompts, greedy)]
+        result["pdl_tokens_identical"] = with_pdl == without
+        print(f"greedy tokens with PDL == without: {with_pdl == without}", flush=True)
+        result["rows"] += engine_rows("awqkit-int4-no-pdl", engine, args.batches, args.prompt, args.new)
+        set_pdl(None)
         save()
     del engine
     gc.collect()

@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import triton  # noqa: E402
 
 from awqkit.formats import gemm as fmt  # noqa: E402
-from awqkit.kernels.common import sm_count  # noqa: E402
+from awqkit.kernels.common import set_pdl, sm_count  # noqa: E402
 from awqkit.kernels.dispatch import Config, gemv_config, pick_config, run_config  # noqa: E402
 from awqkit.kernels.gemv import k_slices  # noqa: E402
 from awqkit.nn import AWQLinear  # noqa: E402
@@ -208,10 +208,13 @@ def _warm_worker(jobs) -> int:
     for cfg, m, k, n in jobs:
         qw, qz, sc = random_awq(k, n, GROUP)
         x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
-        try:
-            run_config(cfg, x, qw, qz, sc, GROUP)
-        except Exception:  # reported by the timing process
-            pass
+        for pdl in (None, 0):  # both launch modes are timed (programmatic dependent launch on, and off)
+            set_pdl(pdl)
+            try:
+                run_config(cfg, x, qw, qz, sc, GROUP)
+            except Exception:  # reported by the timing process
+                pass
+    set_pdl(None)
     return len(jobs)
 
 
@@ -252,6 +255,54 @@ def check_graph_capture(log) -> bool:
         err = rel_err(y, ref)
         ok &= err < 1.2e-2
         log(f"  graph capture M={m}: rel err after replay on new input {err:.2e}")
+    return ok
+
+
+def check_pdl_chain(log) -> bool:
+    """Programmatic dependent launch lets a kernel start before the one it depends on ends; a wait misplaced in any
+    kernel would show as a race. Every kernel here is deterministic, so a chain of layers (each eating the previous
+    one's output, sizes alternating so that buffers are reused) must give bit-identical outputs with PDL on and off,
+    eagerly and replayed from a CUDA graph, at M = 1 (GEMV + reduction), 4, 16 (tensor-core split-K), 64 and 300
+    (dequantize + cuBLAS)."""
+    torch.manual_seed(1)
+    dims = [3584, 4608, 3584, 18944, 3584]
+    layers = []
+    for k, n in zip(dims[:-1], dims[1:]):
+        layer = AWQLinear.from_packed(*random_awq(k, n, GROUP), GROUP, torch.randn(n, device=DEV).half())
+        layer.prepare_for_kernels()
+        layers.append(layer)
+
+    def chain(x):  # nothing between the layers: every kernel follows a kernel that may still be running
+        for layer in layers:
+            x = layer(x)
+        return x
+
+    ok = True
+    for m in (1, 4, 16, 64, 300):
+        x = torch.randn(m, dims[0], device=DEV, dtype=torch.bfloat16)
+        outs = {}
+        for pdl in (0, None):
+            set_pdl(pdl)
+            eager = chain(x)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                chain(x)
+            torch.cuda.current_stream().wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                y = chain(x)
+            poison()
+            for _ in range(3):
+                g.replay()
+            torch.cuda.synchronize()
+            outs[pdl] = (eager.clone(), y.clone())
+            del g
+        set_pdl(None)
+        same = all(torch.equal(a, b) for a, b in zip(outs[0], outs[None]))
+        same &= torch.equal(outs[None][0], outs[None][1])
+        ok &= bool(same) and bool(torch.isfinite(outs[None][0]).all())
+        log(f"  PDL chain M={m}: on == off (eager and graph) bitwise: {bool(same)}")
     return ok
 
 
@@ -373,6 +424,9 @@ def benchmark(shapes, ms, log) -> list[dict]:
             y = layers[0](x)
             err = rel_err(y, ref)
             awq_us = time_calls([lambda lay=lay, x=x: lay(x) for lay in layers])
+            set_pdl(0)  # the same kernels launched the ordinary way: what programmatic dependent launch gains
+            nopdl_us = time_calls([lambda lay=lay, x=x: lay(x) for lay in layers])
+            set_pdl(None)
             cublas_us = time_calls([lambda w=w, x=x: F.linear(x, w) for w in dense])
             int4_us, int4_err = None, None
             if i4 is not None:
@@ -386,10 +440,11 @@ def benchmark(shapes, ms, log) -> list[dict]:
             gbps = (wbytes + 2 * m * (k + n)) / (awq_us * 1e-6) / 1e9
             row = dict(name=name, K=k, N=n, M=m, awqkit_us=round(awq_us, 3), cublas_bf16_us=round(cublas_us, 3),
                        torch_int4_us=None if int4_us is None else round(int4_us, 3), awqkit_GBps=round(gbps, 1),
+                       awqkit_no_pdl_us=round(nopdl_us, 3),
                        awqkit_rel_err=err, torch_int4_rel_err=int4_err, config=str(cfg))  # fmt: skip
             rows.append(row)
             i4s = f"{int4_us:9.2f}" if int4_us is not None else "     null"
-            log(f"  {name:16s} M={m:5d} awqkit {awq_us:9.2f}  cublas {cublas_us:9.2f}  int4 {i4s}  "
+            log(f"  {name:16s} M={m:5d} awqkit {awq_us:9.2f} (no PDL {nopdl_us:8.2f})  cublas {cublas_us:9.2f}  int4 {i4s}  "
                 f"x{cublas_us / awq_us:5.2f}  {gbps:6.0f} GB/s  err {err:.1e}  {cfg}")  # fmt: skip
         del layers, dense, i4
         torch.cuda.empty_cache()
@@ -406,10 +461,12 @@ def summarize(rows, shapes, log) -> dict:
         a = sum(r["awqkit_us"] for r in rs)
         c = sum(r["cublas_bf16_us"] for r in rs)
         i4 = None if any(r["torch_int4_us"] is None for r in rs) else sum(r["torch_int4_us"] for r in rs)
-        summary[m] = dict(awqkit_us=a, cublas_us=c, int4_us=i4, speedup=c / a, vs_int4=None if i4 is None else i4 / a)
+        a0 = sum(r["awqkit_no_pdl_us"] for r in rs)
+        summary[m] = dict(awqkit_us=a, cublas_us=c, int4_us=i4, speedup=c / a, vs_int4=None if i4 is None else i4 / a,
+                          awqkit_no_pdl_us=a0, speedup_no_pdl=c / a0)  # fmt: skip
         per = " ".join(f"{r['name']}:{r['cublas_bf16_us'] / r['awqkit_us']:.2f}" for r in rs)
         i4s = f"{i4:8.1f} (x{i4 / a:4.2f})" if i4 is not None else "    null"
-        log(f"M={m:5d} sum awqkit {a:8.1f} us  cublas {c:8.1f} us  x{c / a:5.2f}  int4 {i4s}  [{per}]")
+        log(f"M={m:5d} sum awqkit {a:8.1f} us (no PDL {a0:8.1f})  cublas {c:8.1f} us  x{c / a:5.2f}  int4 {i4s}  [{per}]")
     return summary
 
 
@@ -478,7 +535,7 @@ def main() -> int:
         log(f"compiled {sum(warmed.get())} configs in workers")
     log(f"checks + compilation done in {time.time() - t_start:.0f} s")
     checks_ok = summarize_checks(check_results, log)
-    graph_ok = check_graph_capture(log)
+    graph_ok = check_graph_capture(log) and check_pdl_chain(log)
     copy_gbps = copy_bandwidth()
     log(f"device-to-device copy: {copy_gbps:.0f} GB/s (read + write)")
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)

@@ -536,12 +536,15 @@ ints = ["stride_qb", "stride_qh", "stride_kb", "stride_kh", "stride_kl", "stride
         "kv_len", "chunk", "window", "splits"]
 sig = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "len_ptr": "*i64", "out_ptr": "*fp32",
        "lse_ptr": "*fp32", **{n: "i32" for n in ints}, "scale": "fp32"}
-consts = dict(G=7, G_PAD=16, D=128, BLOCK=64)
-triton.compile(ASTSource(fn=A._partial_kernel, signature={**sig, **{k: "constexpr" for k in consts}},
-                         constexprs=consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+for pdl in (False, True):  # programmatic dependent launch: griddepcontrol.wait before the first load
+    consts = dict(G=7, G_PAD=16, D=128, BLOCK=64, PDL=pdl)
+    k = triton.compile(ASTSource(fn=A._partial_kernel, signature={**sig, **{k: "constexpr" for k in consts}},
+                                 constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": 4, "launch_pdl": pdl})
+    assert ("griddepcontrol.wait" in k.asm["ptx"]) == pdl
 sig = {"part_ptr": "*fp32", "lse_ptr": "*fp32", "o_ptr": "*bf16", "stride_ob": "i32", "stride_oh": "i32",
        "splits": "i32"}
-consts = dict(S_PAD=8, G=7, G_PAD=16, D=128)
+consts = dict(S_PAD=8, G=7, G_PAD=16, D=128, PDL=True)
 triton.compile(ASTSource(fn=A._merge_kernel, signature={**sig, **{k: "constexpr" for k in consts}},
                          constexprs=consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": 1})
 print("sm_90 compile ok")
@@ -586,7 +589,7 @@ from awqkit.engine import fused
 sig = {"x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "res_out_ptr": "*bf16",
        "n_cols": "i32", "eps": "fp32"}
 for has_residual in (True, False):
-    consts = dict(HAS_RESIDUAL=has_residual, BLOCK=4096)
+    consts = dict(HAS_RESIDUAL=has_residual, BLOCK=4096, PDL=has_residual)
     triton.compile(ASTSource(fn=fused._add_rms_norm_kernel, signature={**sig, **{k: "constexpr" for k in consts}},
                              constexprs=consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": 16})
 # the rope and SiLU kernels on finished outputs (bf16, one split) and on split-K partials (fp32, a bias)
@@ -596,13 +599,13 @@ for parts, bias, sb in (("*bf16", False, 1), ("*fp32", True, 64)):
            **{n: "i32" for n in ("S", "stride_ps", "stride_pt", "stride_cr", "stride_ckv", "stride_ch", "stride_cp")},
            "eps": "fp32"}
     for has_norm in (True, False):
-        consts = dict(H=28, HKV=4, D=128, HAS_NORM=has_norm, HAS_BIAS=bias, SB=sb)
+        consts = dict(H=28, HKV=4, D=128, HAS_NORM=has_norm, HAS_BIAS=bias, SB=sb, PDL=has_norm)
         triton.compile(ASTSource(fn=fused._rope_cache_kernel, signature={**sig, **{k: "constexpr" for k in consts}},
                                  constexprs=consts), target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": max(1, sb * 128 // 1024)})
     sig = {"parts_ptr": parts, "bias_ptr": "*bf16", "out_ptr": "*bf16",
            **{n: "i32" for n in ("S", "n_cols", "stride_ps", "stride_pt")}}
-    consts = dict(HAS_BIAS=bias, SB=sb, BLOCK=1024 // sb)
+    consts = dict(HAS_BIAS=bias, SB=sb, BLOCK=1024 // sb, PDL=bias)
     triton.compile(ASTSource(fn=fused._silu_mul_kernel, signature={**sig, **{k: "constexpr" for k in consts}},
                              constexprs=consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 print("sm_90 compile ok")

@@ -30,15 +30,17 @@ def available() -> bool:
 
 
 if triton is not None:
+    from awqkit.kernels.common import pdl_launch, pdl_sync
 
     @triton.jit
     def _partial_kernel(
         q_ptr, k_ptr, v_ptr, len_ptr, out_ptr, lse_ptr,
         stride_qb, stride_qh, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
         kv_len, chunk, window, scale, splits,
-        G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr,
+        G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         b, h, s = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
+        pdl_sync(PDL)
         length = tl.minimum(tl.load(len_ptr + b).to(tl.int32), kv_len)
         lo = tl.maximum(s * chunk, length - window)
         hi = tl.minimum(s * chunk + chunk, length)
@@ -70,8 +72,10 @@ if triton is not None:
 
     @triton.jit
     def _merge_kernel(part_ptr, lse_ptr, o_ptr, stride_ob, stride_oh, splits,
-                      S_PAD: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr):  # fmt: skip
+                      S_PAD: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+                      PDL: tl.constexpr):  # fmt: skip
         b, hq = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        pdl_sync(PDL)
         h, g = hq // G, hq % G
         offs_s, offs_d = tl.arange(0, S_PAD), tl.arange(0, D)
         rows = (b * (tl.num_programs(1) // G) + h) * splits + offs_s
@@ -118,12 +122,12 @@ def decode_attention(
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2),
         kv_len, chunk, window or kv_len, D**-0.5, splits,
-        G=G, G_PAD=G_PAD, D=D, BLOCK=BLOCK_N, num_warps=4,
+        G=G, G_PAD=G_PAD, D=D, BLOCK=BLOCK_N, num_warps=4, **pdl_launch(q.device),
     )  # fmt: skip
     out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
     _merge_kernel[(B, H)](
         part, lse, out, out.stride(0), out.stride(1), splits,
-        S_PAD=triton.next_power_of_2(splits), G=G, G_PAD=G_PAD, D=D, num_warps=1,
+        S_PAD=triton.next_power_of_2(splits), G=G, G_PAD=G_PAD, D=D, num_warps=1, **pdl_launch(q.device),
     )  # fmt: skip
     return out
 

@@ -54,15 +54,17 @@ def rope_supported(head_dim: int) -> bool:
 
 
 if triton is not None:
+    from awqkit.kernels.common import pdl_launch, pdl_sync
 
     @triton.jit
     def _add_rms_norm_kernel(
         x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, eps,
-        HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0).to(tl.int64) * n_cols
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
+        pdl_sync(PDL)
         x = tl.load(x_ptr + row + cols, mask=mask, other=0.0)
         if HAS_RESIDUAL:
             x = (x.to(tl.float32) + tl.load(res_ptr + row + cols, mask=mask, other=0.0).to(tl.float32)).to(x.dtype)
@@ -99,7 +101,7 @@ if triton is not None:
         parts_ptr, bias_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr, cache_ptr, rows_ptr, pos_ptr, q_out_ptr,
         S, stride_ps, stride_pt, stride_cr, stride_ckv, stride_ch, stride_cp, eps,
         H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HAS_NORM: tl.constexpr, HAS_BIAS: tl.constexpr,
-        SB: tl.constexpr,
+        SB: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """One program per (token, head) of the qkv output's ``H + 2 * HKV`` heads: q heads are rotated into
         ``q_out``, k heads rotated and v heads copied into the cache. Head ``h`` is columns ``[h * D, (h + 1) * D)``
@@ -107,6 +109,7 @@ if triton is not None:
         t, h = tl.program_id(0).to(tl.int64), tl.program_id(1)
         half = tl.arange(0, D // 2)
         dtype = q_out_ptr.dtype.element_ty
+        pdl_sync(PDL)
         x1, x2 = _sum_splits(
             parts_ptr + t * stride_pt + h * D, bias_ptr + h * D, stride_ps, S, half, D // 2, half < D // 2,
             HAS_BIAS, SB,
@@ -146,12 +149,13 @@ if triton is not None:
     @triton.jit
     def _silu_mul_kernel(
         parts_ptr, bias_ptr, out_ptr, S, n_cols, stride_ps, stride_pt,
-        HAS_BIAS: tl.constexpr, SB: tl.constexpr, BLOCK: tl.constexpr,
+        HAS_BIAS: tl.constexpr, SB: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """``silu(gate) * up`` for ``BLOCK`` columns of one token: gate is column ``c``, up column ``n_cols + c``."""
         t = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < n_cols
+        pdl_sync(PDL)
         gate, up = _sum_splits(parts_ptr + t * stride_pt, bias_ptr, stride_ps, S, cols, n_cols, mask, HAS_BIAS, SB)
         dtype = out_ptr.dtype.element_ty
         # gate and up are rounded to the activation dtype, as the finished linear output is; the rest is float32
@@ -209,7 +213,7 @@ def rope_and_cache(
         S, qkv.parts.stride(0), qkv.parts.stride(1),
         cache.stride(0), cache.stride(1), cache.stride(2), cache.stride(3), eps,
         H=n_heads, HKV=n_kv, D=D, HAS_NORM=has_norm, HAS_BIAS=bias is not None, SB=sb,
-        num_warps=max(1, min(8, sb * D // 1024)),
+        num_warps=max(1, min(8, sb * D // 1024)), **pdl_launch(cache.device),
     )  # fmt: skip
     return q_out
 
@@ -234,7 +238,7 @@ def silu_mul(gate_up: Partials, dtype: torch.dtype) -> torch.Tensor:
     _silu_mul_kernel[(N, triton.cdiv(n_cols, block))](
         gate_up.parts, bias if bias is not None else out, out, S, n_cols,
         gate_up.parts.stride(0), gate_up.parts.stride(1),
-        HAS_BIAS=bias is not None, SB=sb, BLOCK=block, num_warps=4,
+        HAS_BIAS=bias is not None, SB=sb, BLOCK=block, num_warps=4, **pdl_launch(out.device),
     )  # fmt: skip
     return out
 
@@ -253,5 +257,6 @@ def add_rms_norm(
     _add_rms_norm_kernel[(n_rows,)](
         x2, residual.reshape(n_rows, n_cols) if residual is not None else x2, weight, out, res_out, n_cols, eps,
         HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=max(1, min(16, block // 256)),
+        **pdl_launch(x.device),
     )  # fmt: skip
     return out.view(x.shape), res_out.view(x.shape)

@@ -153,3 +153,70 @@ def unpack_row_one_plus(packed, BN: tl.constexpr, ASM: tl.constexpr):
         r = (u << rot) | (u >> (32 - rot))
         bits = ((r & 0x00780000) | 0x3F800000).to(tl.int32, bitcast=True)
     return bits.to(tl.float32, bitcast=True)
+
+
+# --- Programmatic dependent launch (Hopper and newer) ------------------------------------------------------------
+#
+# At decode a layer is a chain of ~12 short kernels, and each one's launch, ramp-up and first trip to memory used to
+# wait for the previous kernel to finish and flush. With PDL a kernel is launched while its predecessor still runs:
+# its programs become resident, do what does not depend on the predecessor (index maths; the GEMV prefetches its
+# first weight rows, which no kernel writes, into L2), then block in ``griddepcontrol.wait`` until the predecessor
+# has completed and its writes are visible. Every kernel launched this way must wait before it reads anything an
+# earlier kernel wrote and before it writes anything (a buffer it writes may still be read by the predecessor), so
+# the wait and the launch flag travel together (:func:`pdl_launch`). Right after its wait a kernel lets its own
+# successor launch: the successor can only reach its wait, not past it, so at most two kernels are in flight, and
+# the trigger fires only once every program of the current kernel runs (no program of it can be starved of a slot).
+# A normally launched kernel (cuBLAS, PyTorch) after one of these still waits for it in full, as ever.
+
+_PDL_MODE: list[int | None] = [None]  # None: from AWQKIT_PDL (default on); 0 off, 1 on, 2 on without GEMV prefetch
+
+
+def set_pdl(mode: int | None) -> None:
+    """Force programmatic dependent launch off (0), on (1), on without the GEMV's weight prefetch (2), or back to
+    the default (None: ``AWQKIT_PDL``, on unless set to 0). Takes effect for launches made afterwards (a CUDA
+    graph keeps what it captured)."""
+    _PDL_MODE[0] = mode
+
+
+def pdl_mode(device: torch.device) -> int:
+    """0 when kernels on ``device`` launch normally, else the PDL mode (see :func:`set_pdl`)."""
+    mode = _PDL_MODE[0]
+    if mode is None:
+        mode = int(os.environ.get("AWQKIT_PDL", "1") or 0)
+    if not mode or device.type != "cuda" or interpreting() or not _pdl_hardware(device.index):
+        return 0
+    return mode
+
+
+@functools.cache
+def _pdl_hardware(index: int | None) -> bool:
+    """Compute capability 9.0+ and a Triton that exposes grid-dependency control."""
+    try:
+        from triton.language.extra.cuda import gdc_wait  # noqa: F401
+    except ImportError:
+        return False
+    major, _ = torch.cuda.get_device_capability(index if index is not None else torch.cuda.current_device())
+    return major >= 9
+
+
+def pdl_launch(device: torch.device) -> dict:
+    """Keyword arguments for a launch of a kernel that calls :func:`pdl_sync`: ``PDL`` and Triton's
+    ``launch_pdl``, both on or both off."""
+    on = pdl_mode(device) > 0
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+
+
+@triton.jit
+def pdl_sync(PDL: tl.constexpr):
+    """Wait until the previous kernel's writes are visible, then let the next kernel launch (no-op unless ``PDL``).
+    Call before the first load of anything another kernel produced and before the first store."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def prefetch_l2(ptrs):
+    """Ask for the lines at ``ptrs`` to be brought into L2 (no registers written, nothing waits for them)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)  # fmt: skip

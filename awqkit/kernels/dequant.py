@@ -11,12 +11,13 @@ import torch
 import triton
 import triton.language as tl
 
+from awqkit.kernels.common import pdl_launch, pdl_sync
 from awqkit.kernels.gemm import dequant_tile
 
 
 @triton.jit
 def _dequant_kernel(qw_ptr, qz_ptr, s_ptr, w_ptr, N, N8, K,
-                    G: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):  # fmt: skip
+                    G: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
     BN8: tl.constexpr = BN // 8
     pid_k = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -28,6 +29,7 @@ def _dequant_kernel(qw_ptr, qz_ptr, s_ptr, w_ptr, N, N8, K,
     k0 = pid_k * BK
     w = dequant_tile(qw_ptr, qz_ptr, s_ptr, k0, offs_k, offs_n, offs_n8, mask_n, mask_n8, N, N8, G, BK, BN,
                      w_ptr.dtype.element_ty)  # fmt: skip
+    pdl_sync(PDL)  # the weight was read before the wait (no kernel writes it); `w` may be memory just freed
     tl.store(w_ptr + (k0 + offs_k)[:, None] * N + offs_n[None, :], w, mask=mask_n[None, :])
 
 
@@ -50,7 +52,8 @@ def dequantize(
     w = torch.empty((k, n), dtype=dtype, device=qweight.device)
     grid = (k // block_k, triton.cdiv(n, block_n))
     _dequant_kernel[grid](
-        qweight, qzeros, scales, w, n, n // 8, k, G=group_size, BK=block_k, BN=block_n, num_warps=num_warps
+        qweight, qzeros, scales, w, n, n // 8, k, G=group_size, BK=block_k, BN=block_n, num_warps=num_warps,
+        **pdl_launch(qweight.device),
     )
     return w
 

@@ -28,6 +28,8 @@ from awqkit.kernels.common import (
     Partials,
     interpreting,
     nibble_value,
+    pdl_launch,
+    pdl_sync,
     nibbles_minus_zeros,
     unpack_tile,
     unpack_tile_one_plus,
@@ -58,7 +60,7 @@ def _gemm_kernel(
     M, N, N8, K, k_split, stride_xm, stride_os, stride_om,
     G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     STAGES: tl.constexpr, SWAP: tl.constexpr, TO_WORKSPACE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    DOT_F32: tl.constexpr, DQ: tl.constexpr, ASM: tl.constexpr,
+    DOT_F32: tl.constexpr, DQ: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     BN8: tl.constexpr = BN // 8
     pid = tl.program_id(0)
@@ -91,6 +93,7 @@ def _gemm_kernel(
         acc = tl.zeros([BN, BM], dtype=tl.float32)
     else:
         acc = tl.zeros([BM, BN], dtype=tl.float32)
+    pdl_sync(PDL)
     for k0 in tl.range(k_begin, k_end, BK, num_stages=STAGES):
         a = tl.load(x_ptrs + k0, mask=mask_m[:, None], other=0.0)
         if DQ == 0:  # w = (q - z) * s rounded once to the activation dtype
@@ -178,7 +181,7 @@ def gemm(
         m, n, n // 8, k, k_split, x.stride(0), m * n, n,
         G=group_size, BM=block_m, BN=block_n, BK=block_k, GROUP_M=group_m, STAGES=stages, SWAP=swap,
         TO_WORKSPACE=split_k > 1, HAS_BIAS=bias is not None, DOT_F32=interpreting(), DQ=dq,
-        ASM=not interpreting(), num_warps=num_warps,
+        ASM=not interpreting(), num_warps=num_warps, **pdl_launch(x.device),
     )  # fmt: skip
     return finish_split_k(dest, out, bias, partials)
 
@@ -335,6 +338,7 @@ def _gemm_planes_kernel(
     M, N, N8, K, k_split, stride_xm, stride_os, stride_om,
     G: tl.constexpr, BM: tl.constexpr, BN8: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
     TO_WORKSPACE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, ASM: tl.constexpr, FOLD: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     """Tensor-core W4A16 for small and medium M as eight nibble-plane products (``(W^T x^T)^T`` per plane).
 
@@ -366,6 +370,7 @@ def _gemm_planes_kernel(
     acc5 = tl.zeros([BN8, BM], dtype=tl.float32)
     acc6 = tl.zeros([BN8, BM], dtype=tl.float32)
     acc7 = tl.zeros([BN8, BM], dtype=tl.float32)
+    pdl_sync(PDL)
     for k0 in tl.range(k_begin, k_end, BK, num_stages=STAGES):
         w = tl.load(qw_ptr + (k0 + offs_k)[None, :] * N8 + offs_j[:, None], mask=mask_j[:, None], other=0)
         xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + (k0 + offs_k)[:, None], mask=mask_m[None, :], other=0.0)
@@ -440,5 +445,6 @@ def gemm_planes(
         G=group_size, BM=block_m, BN8=bn8, BK=block_k, STAGES=stages,
         TO_WORKSPACE=split_k > 1, HAS_BIAS=bias is not None, DOT_F32=interpreting(), ASM=not interpreting(),
         FOLD=fold, num_warps=num_warps, **({"maxnreg": maxnreg} if maxnreg and not interpreting() else {}),
+        **pdl_launch(x.device),
     )  # fmt: skip
     return finish_split_k(dest, out, bias, partials)

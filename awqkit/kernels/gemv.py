@@ -24,6 +24,10 @@ from awqkit.kernels.common import (
     Partials,
     interpreting,
     nibble_value,
+    pdl_launch,
+    pdl_mode,
+    pdl_sync,
+    prefetch_l2,
     unpack_row,
     unpack_row_one_plus,
 )
@@ -46,7 +50,7 @@ def _gemv_kernel(
     M, N, N8, K, k_split, stride_xm, stride_os, stride_om,
     BM: tl.constexpr, BN: tl.constexpr, ROWS: tl.constexpr, G: tl.constexpr, GCH: tl.constexpr,
     TO_WORKSPACE: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr, ROW_WORDS: tl.constexpr,
-    EVEN_N: tl.constexpr,
+    EVEN_N: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
     """Row-streaming GEMV: a program owns ``BN`` columns and ``k_split`` rows of ``W``.
 
@@ -57,7 +61,8 @@ def _gemv_kernel(
     per chunk of one group (``GCH`` rows: the group, or the part of it this program owns):
     ``sum_k x_k (q_k - z) s = s (16 sum_k x_k f_k - (16 + z) sum_k x_k)`` with ``f = 1 + q/16`` built from the bits,
     i.e. one funnel shift, one LOP3 and one FFMA per weight. Up to four activation rows (``BM <= 4``) share each
-    unpacked weight.
+    unpacked weight. With programmatic dependent launch (``PDL``) the program asks for its first ``PREFETCH`` weight
+    rows to be brought into L2 while the previous kernel still runs, then waits for it (:func:`pdl_sync`).
     """
     BN8: tl.constexpr = BN // 8
     pid_n = tl.program_id(0)
@@ -75,6 +80,11 @@ def _gemv_kernel(
     row_words = N8
     if ROW_WORDS > 0:
         row_words = ROW_WORDS
+    if PREFETCH > 0:  # the weight is no kernel's output: safe to touch before the wait
+        first = qw_ptr + k_begin * row_words + tl.minimum(offs_n8, N8 - 1)
+        for r in tl.static_range(PREFETCH):
+            prefetch_l2(first + r * row_words)
+    pdl_sync(PDL)
     acc0 = tl.zeros([BN], dtype=tl.float32)
     acc1 = tl.zeros([BN], dtype=tl.float32)
     acc2 = tl.zeros([BN], dtype=tl.float32)
@@ -150,7 +160,7 @@ def _gemv_kernel(
 
 @triton.jit(do_not_specialize=["MN", "SPLIT"])
 def _reduce_kernel(ws_ptr, out_ptr, bias_ptr, MN, N, SPLIT, HAS_BIAS: tl.constexpr, SB: tl.constexpr,
-                   BLOCK: tl.constexpr):  # fmt: skip
+                   BLOCK: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
     """``out = sum_s ws[s] (+ bias)`` cast to the output dtype; ``ws`` is ``[SPLIT, M, N]`` fp32, contiguous.
 
     ``SB`` splits are loaded at once (independent loads in flight): a loop over single splits was latency-bound at
@@ -158,6 +168,7 @@ def _reduce_kernel(ws_ptr, out_ptr, bias_ptr, MN, N, SPLIT, HAS_BIAS: tl.constex
     """
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < MN
+    pdl_sync(PDL)
     acc = tl.zeros([SB, BLOCK], dtype=tl.float32)
     for s0 in range(0, SPLIT, SB):
         sp = s0 + tl.arange(0, SB)
@@ -180,7 +191,7 @@ def reduce_splits(ws: torch.Tensor, out: torch.Tensor, bias: torch.Tensor | None
         block //= 2
     _reduce_kernel[(triton.cdiv(m * n, block),)](
         ws, out, bias if bias is not None else out, m * n, n, split,
-        HAS_BIAS=bias is not None, SB=sb, BLOCK=block, num_warps=4,
+        HAS_BIAS=bias is not None, SB=sb, BLOCK=block, num_warps=4, **pdl_launch(ws.device),
     )  # fmt: skip
     return out
 
@@ -242,11 +253,13 @@ def gemv(
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     dest = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
     grid = (triton.cdiv(n, block_n), split_k)
+    pdl = pdl_launch(x.device)
     _gemv_kernel[grid](
         x, qweight, qzeros, scales, dest, bias if bias is not None else out,
         m, n, n // 8, k, k_split, x.stride(0), m * n, n,
         BM=m, BN=block_n, ROWS=rows, G=group_size, GCH=min(group_size, k_split),
         TO_WORKSPACE=split_k > 1, HAS_BIAS=bias is not None, ASM=not interpreting(),
         ROW_WORDS=n // 8 if specialize_n else 0, EVEN_N=n % block_n == 0, num_warps=num_warps,
+        PREFETCH=rows if pdl_mode(x.device) == 1 else 0, **pdl,
     )  # fmt: skip
     return finish_split_k(dest, out, bias, partials)
