@@ -444,8 +444,8 @@ def benchmark(shapes, ms, log) -> list[dict]:
                        awqkit_rel_err=err, torch_int4_rel_err=int4_err, config=str(cfg))  # fmt: skip
             rows.append(row)
             i4s = f"{int4_us:9.2f}" if int4_us is not None else "     null"
-            log(f"  {name:16s} M={m:5d} awqkit {awq_us:9.2f} (no PDL {nopdl_us:8.2f})  cublas {cublas_us:9.2f}  int4 {i4s}  "
-                f"x{cublas_us / awq_us:5.2f}  {gbps:6.0f} GB/s  err {err:.1e}  {cfg}")  # fmt: skip
+            log(f"  {name:16s} M={m:5d} awqkit {awq_us:9.2f} (no PDL {nopdl_us:8.2f})  cublas {cublas_us:9.2f}  "
+                f"int4 {i4s}  x{cublas_us / awq_us:5.2f}  {gbps:6.0f} GB/s  err {err:.1e}  {cfg}")  # fmt: skip
         del layers, dense, i4
         torch.cuda.empty_cache()
     return rows
@@ -466,7 +466,8 @@ def summarize(rows, shapes, log) -> dict:
                           awqkit_no_pdl_us=a0, speedup_no_pdl=c / a0)  # fmt: skip
         per = " ".join(f"{r['name']}:{r['cublas_bf16_us'] / r['awqkit_us']:.2f}" for r in rs)
         i4s = f"{i4:8.1f} (x{i4 / a:4.2f})" if i4 is not None else "    null"
-        log(f"M={m:5d} sum awqkit {a:8.1f} us (no PDL {a0:8.1f})  cublas {c:8.1f} us  x{c / a:5.2f}  int4 {i4s}  [{per}]")
+        log(f"M={m:5d} sum awqkit {a:8.1f} us (no PDL {a0:8.1f})  cublas {c:8.1f} us  x{c / a:5.2f}  int4 {i4s}  "
+            f"[{per}]")
     return summary
 
 

@@ -28,9 +28,9 @@ from awqkit.kernels.common import (
     Partials,
     interpreting,
     nibble_value,
+    nibbles_minus_zeros,
     pdl_launch,
     pdl_sync,
-    nibbles_minus_zeros,
     unpack_tile,
     unpack_tile_one_plus,
 )
