@@ -232,6 +232,20 @@ def summarize_checks(results, log) -> bool:
     return not bad
 
 
+def capture(fn):
+    """``(graph, output)``: ``fn`` run once on a side stream (compilation and allocator warm-up stay out of the graph),
+    then captured."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 def check_graph_capture(log) -> bool:
     """Capture awq_linear at M=1 and M=16 (split-K paths) in a graph, replay with new inputs, compare."""
     qw, qz, sc = random_awq(3584, 4608, GROUP)
@@ -240,14 +254,7 @@ def check_graph_capture(log) -> bool:
     ok = True
     for m in (1, 16, 64):
         x = torch.randn(m, 3584, device=DEV, dtype=torch.bfloat16)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            layer(x)
-        torch.cuda.current_stream().wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            y = layer(x)
+        g, y = capture(lambda x=x: layer(x))
         x.copy_(torch.randn_like(x))
         g.replay()
         torch.cuda.synchronize()
@@ -284,14 +291,7 @@ def check_pdl_chain(log) -> bool:
         for pdl in (0, None):
             set_pdl(pdl)
             eager = chain(x)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                chain(x)
-            torch.cuda.current_stream().wait_stream(side)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                y = chain(x)
+            g, y = capture(lambda x=x: chain(x))
             poison()
             for _ in range(3):
                 g.replay()
