@@ -582,10 +582,14 @@ def main() -> None:
     gc.collect()
 
     max_len = max(512, args.prompt + args.new)
+
+    def batch_engine() -> Engine:
+        return Engine.from_checkpoint(
+            ckpt, device=device, dtype=dtype, max_num_seqs=max(args.batches), max_model_len=max_len
+        )
+
     t = time.perf_counter()
-    engine = Engine.from_checkpoint(
-        ckpt, device=device, dtype=dtype, max_num_seqs=max(args.batches), max_model_len=max_len
-    )
+    engine = batch_engine()
     sync(device)
     result["startup_s"] = {"awqkit-int4": time.perf_counter() - t}
     result["decode_attention_kernel"] = bool(getattr(engine.model, "decode_kernel", False))
@@ -607,9 +611,7 @@ def main() -> None:
         del engine
         gc.collect()
         set_pdl(0)
-        engine = Engine.from_checkpoint(
-            ckpt, device=device, dtype=dtype, max_num_seqs=max(args.batches), max_model_len=max_len
-        )
+        engine = batch_engine()
         without = [r.token_ids for r in engine.generate(check_prompts, greedy)]
         result["pdl_tokens_identical"] = with_pdl == without
         print(f"greedy tokens with PDL == without: {with_pdl == without}", flush=True)

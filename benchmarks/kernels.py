@@ -423,9 +423,10 @@ def benchmark(shapes, ms, log) -> list[dict]:
             ref = x.float() @ w_bf16.float().t()
             y = layers[0](x)
             err = rel_err(y, ref)
-            awq_us = time_calls([lambda lay=lay, x=x: lay(x) for lay in layers])
+            calls = [lambda lay=lay, x=x: lay(x) for lay in layers]
+            awq_us = time_calls(calls)
             set_pdl(0)  # the same kernels launched the ordinary way: what programmatic dependent launch gains
-            nopdl_us = time_calls([lambda lay=lay, x=x: lay(x) for lay in layers])
+            nopdl_us = time_calls(calls)
             set_pdl(None)
             cublas_us = time_calls([lambda w=w, x=x: F.linear(x, w) for w in dense])
             int4_us, int4_err = None, None

@@ -199,10 +199,10 @@ def _pdl_hardware(index: int | None) -> bool:
     return major >= 9
 
 
-def pdl_launch(device: torch.device) -> dict:
+def pdl_launch(device: torch.device, mode: int | None = None) -> dict:
     """Keyword arguments for a launch of a kernel that calls :func:`pdl_sync`: ``PDL`` and Triton's
-    ``launch_pdl``, both on or both off."""
-    on = pdl_mode(device) > 0
+    ``launch_pdl``, both on or both off (``mode``: :func:`pdl_mode`'s answer, when the caller already has it)."""
+    on = (pdl_mode(device) if mode is None else mode) > 0
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
 

@@ -253,13 +253,13 @@ def gemv(
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     dest = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
     grid = (triton.cdiv(n, block_n), split_k)
-    pdl = pdl_launch(x.device)
+    mode = pdl_mode(x.device)
     _gemv_kernel[grid](
         x, qweight, qzeros, scales, dest, bias if bias is not None else out,
         m, n, n // 8, k, k_split, x.stride(0), m * n, n,
         BM=m, BN=block_n, ROWS=rows, G=group_size, GCH=min(group_size, k_split),
         TO_WORKSPACE=split_k > 1, HAS_BIAS=bias is not None, ASM=not interpreting(),
         ROW_WORDS=n // 8 if specialize_n else 0, EVEN_N=n % block_n == 0, num_warps=num_warps,
-        PREFETCH=rows if pdl_mode(x.device) == 1 else 0, **pdl,
+        PREFETCH=rows if mode == 1 else 0, **pdl_launch(x.device, mode),
     )  # fmt: skip
     return finish_split_k(dest, out, bias, partials)
