@@ -152,6 +152,9 @@ CHECK_PATHS = [
     ("gemv_subgroup", Config("gemv", block_n=256, num_warps=1, rows=8, split_k=40)),
     ("gemv_nosplit", Config("gemv", block_n=512, num_warps=1, rows=4, split_k=1)),
     ("gemv_runtime_n", Config("gemv", block_n=256, num_warps=1, rows=8, split_k=40, specialize_n=False)),
+    ("gemv_lookahead", Config("gemv", block_n=256, num_warps=1, rows=8, split_k=7, lookahead=2)),
+    ("gemv_lanes4", Config("gemv", block_n=256, num_warps=1, split_k=12, lanes=4, lookahead=2)),
+    ("gemv_lanes8_chunks", Config("gemv", block_n=128, num_warps=1, split_k=2, lanes=8)),
     ("gemm_splitk", Config("gemm", block_m=16, block_n=256, split_k=3, num_warps=4)),
     ("gemm_splitk_noswap", Config("gemm", block_m=16, block_n=128, split_k=2, swap=False)),
     ("gemm_m64", Config("gemm", block_m=64, block_n=128, num_warps=8)),
@@ -311,16 +314,18 @@ SWEEP_MS = (1, 2)  # most important first: a deadline cuts the tail
 
 
 def gemv_candidates(m: int, n: int, k: int, sms: int) -> list[tuple[str, Config]]:
-    """GEMV configurations to time against the shipped rule: columns and warps per program, rows loaded ahead, and
-    a split-K factor for ~12, 24 or 32 programs per SM; plus the shipped config with the row length read at run
-    time (what compiling it in gains)."""
+    """GEMV configurations to time against the shipped rule: the row kernel with its rows prefetched into L2 some
+    steps ahead, and the lane-split kernel (4 or 8 rows per step over the lanes) at ~4-24 programs per SM, with and
+    without the L2 look-ahead."""
     base = pick_config(m, n, k, GROUP, sms)
-    out = [("runtime_n", replace(base, specialize_n=False))] if base.kernel == "gemv" else []
-    for block_n, warps in ((256, 1), (512, 1), (512, 2), (1024, 2), (1024, 4)):
-        for rows in (8, 16):
-            for pps in (12, 24, 32):
-                cfg = gemv_config(m, n, k, sms, block_n=block_n, warps=warps, rows=rows, pps=pps)
-                out.append((f"gemv bn{block_n} w{warps} r{rows} pps{pps}", cfg))
+    out = []
+    if base.kernel == "gemv" and base.lanes == 1:
+        out += [(f"row la{la}", replace(base, lookahead=la)) for la in (1, 2, 4)]
+    for lanes, block_n in ((4, 256), (8, 128)):
+        for pps in (4, 8, 12, 16, 24, 32):
+            for la in (0, 2):
+                cfg = gemv_config(m, n, k, sms, block_n=block_n, warps=1, rows=4, pps=pps, lanes=lanes, lookahead=la)
+                out.append((f"lanes{lanes} bn{block_n} pps{pps} la{la} split{cfg.split_k}", cfg))
     return out
 
 
@@ -350,7 +355,7 @@ def warm_jobs(configs) -> list[tuple]:
     seen, jobs = set(), []
     for cfg, m, k, n in configs:
         gemv_kernel = cfg.kernel == "gemv"
-        chunk = k_slices(k, GROUP, cfg.split_k, 8)[0] if gemv_kernel else 0
+        chunk = k_slices(k, GROUP, cfg.split_k, cfg.rows * cfg.lanes)[0] if gemv_kernel else 0
         mcls = m if gemv_kernel and m <= 8 else 1
         width = n if gemv_kernel else 512  # the GEMV compiles the row length in
         key = (replace(cfg, split_k=min(cfg.split_k, 2)), mcls, min(chunk, GROUP), width)

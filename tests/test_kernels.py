@@ -75,6 +75,10 @@ PATHS = {
     "gemv_subgroup_splitk": (Config("gemv", block_n=256, num_warps=1, rows=8, split_k=16), 2, 64, 40),
     "gemv_even_n": (Config("gemv", block_n=256, num_warps=1, rows=8, split_k=2), 1, 128, 512),  # unmasked loads
     "gemv_runtime_n": (Config("gemv", block_n=256, num_warps=1, rows=8, split_k=2, specialize_n=False), 2, 128, 200),
+    # lane-split GEMV: 4 or 8 rows per step over the lanes; one group chunk per slice, or several
+    "gemv_lanes": (Config("gemv", block_n=256, num_warps=1, split_k=2, lanes=4, lookahead=2), 1, 256, 200),
+    "gemv_lanes_chunks": (Config("gemv", block_n=128, num_warps=1, split_k=1, lanes=8), 2, 256, 136),
+    "gemv_lanes_even_n": (Config("gemv", block_n=256, num_warps=1, split_k=4, lanes=4), 1, 256, 512),
     "gemm_one_plus_swap": (Config("gemm", block_m=16, block_n=64, split_k=2), 5, 128, 136),
     "gemm_one_plus": (Config("gemm", block_m=16, block_n=64, split_k=1, swap=False), 17, 128, 72),
     "gemm_dq0": (Config("gemm", block_m=16, block_n=64, block_k=32, split_k=2, swap=False, dq=0), 7, 128, 136),

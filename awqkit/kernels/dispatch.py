@@ -45,6 +45,8 @@ class Config:
     rows: int = 8  # GEMV: rows loaded ahead
     maxnreg: int = 0  # nibble-plane kernel: register cap per thread (0 = compiler's choice)
     specialize_n: bool = True  # GEMV: the row length compiled in (False: read at run time, for A/B sweeps)
+    lookahead: int = 0  # GEMV: steps ahead whose weight rows are prefetched into L2 (0: none)
+    lanes: int = 1  # GEMV: rows per step spread over the lanes (1: the row kernel; >1: the lane-split kernel)
 
 
 def _split_for(tiles: int, k_steps: int, sms: int, programs_per_sm: int) -> int:
@@ -108,12 +110,15 @@ def planes_config(
                   stages=stages, dq=4 if fold else 3, maxnreg=maxnreg)  # fmt: skip
 
 
-def gemv_config(m: int, n: int, k: int, sms: int, *, block_n: int, warps: int, rows: int, pps: int) -> Config:
+def gemv_config(
+    m: int, n: int, k: int, sms: int, *, block_n: int, warps: int, rows: int, pps: int, lanes: int = 1,
+    lookahead: int = 0,
+) -> Config:
     """A GEMV launch of ``block_n``-column programs, split along K for ~``pps`` programs per SM (at most one slice
-    per ``rows`` rows, and a workspace of at most a quarter of the weight's bytes)."""
-    split = _split_for(triton.cdiv(n, block_n), max(1, k // rows), sms, pps)
+    per step of ``rows x lanes`` rows, and a workspace of at most a quarter of the weight's bytes)."""
+    split = _split_for(triton.cdiv(n, block_n), max(1, k // (rows * lanes)), sms, pps)
     split = max(1, min(split, k // (32 * m)))
-    return Config("gemv", block_n=block_n, split_k=split, num_warps=warps, rows=rows)
+    return Config("gemv", block_n=block_n, split_k=split, num_warps=warps, rows=rows, lanes=lanes, lookahead=lookahead)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -172,7 +177,7 @@ def run_config(
         return gemv.gemv(
             x, qweight, qzeros, scales, group_size, bias,
             block_n=cfg.block_n, rows=cfg.rows, split_k=cfg.split_k, num_warps=cfg.num_warps,
-            specialize_n=cfg.specialize_n, partials=partials,
+            specialize_n=cfg.specialize_n, lanes=cfg.lanes, lookahead=cfg.lookahead, partials=partials,
         )  # fmt: skip
     if cfg.kernel == "gemm" and cfg.dq >= 3:
         return gemm.gemm_planes(

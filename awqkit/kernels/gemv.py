@@ -30,6 +30,8 @@ from awqkit.kernels.common import (
     prefetch_l2,
     unpack_row,
     unpack_row_one_plus,
+    unpack_tile,
+    unpack_tile_one_plus,
 )
 
 
@@ -50,7 +52,7 @@ def _gemv_kernel(
     M, N, N8, K, k_split, stride_xm, stride_os, stride_om,
     BM: tl.constexpr, BN: tl.constexpr, ROWS: tl.constexpr, G: tl.constexpr, GCH: tl.constexpr,
     TO_WORKSPACE: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr, ROW_WORDS: tl.constexpr,
-    EVEN_N: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
+    EVEN_N: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, LOOKAHEAD: tl.constexpr,
 ):  # fmt: skip
     """Row-streaming GEMV: a program owns ``BN`` columns and ``k_split`` rows of ``W``.
 
@@ -80,8 +82,9 @@ def _gemv_kernel(
     row_words = N8
     if ROW_WORDS > 0:
         row_words = ROW_WORDS
+    cols_in = tl.minimum(offs_n8, N8 - 1)  # in-bounds columns for prefetches (they have no mask)
     if PREFETCH > 0:  # the weight is no kernel's output: safe to touch before the wait
-        first = qw_ptr + k_begin * row_words + tl.minimum(offs_n8, N8 - 1)
+        first = qw_ptr + k_begin * row_words + cols_in
         for r in tl.static_range(PREFETCH):
             prefetch_l2(first + r * row_words)
     pdl_sync(PDL)
@@ -106,6 +109,10 @@ def _gemv_kernel(
             # one 64-bit base per step; rows are base + r * row_words (an immediate offset when it is a constant)
             w_row = qw_ptr + r0 * row_words + offs_n8
             x_row = x_ptr + r0
+            if LOOKAHEAD > 0:  # rows LOOKAHEAD steps ahead into L2: the loads below then wait for L2, not DRAM
+                pf_row = qw_ptr + tl.minimum(r0 + LOOKAHEAD * ROWS, K - ROWS) * row_words + cols_in
+                for r in tl.static_range(ROWS):
+                    prefetch_l2(pf_row + r * row_words)
             for r in tl.static_range(ROWS):
                 f = unpack_row_one_plus(_load_cols(w_row + r * row_words, mask_n8, EVEN_N), BN, ASM)
                 xv = tl.load(x_row + r).to(tl.float32)
@@ -131,6 +138,136 @@ def _gemv_kernel(
         if BM > 3:
             acc3 += s * (16.0 * d3 - z16 * sx3)
 
+    _store_rows(out_ptr, bias_ptr, offs_n, mask_n, pid_k, stride_os, stride_om, acc0, acc1, acc2, acc3,
+                BM, TO_WORKSPACE, HAS_BIAS)  # fmt: skip
+
+
+# M and the workspace stride vary per call: not specialised (see _gemv_kernel)
+@triton.jit(do_not_specialize=["M", "stride_os"])
+def _gemv_lanes_kernel(
+    x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, bias_ptr,
+    M, N, N8, K, k_split, stride_xm, stride_os, stride_om,
+    BM: tl.constexpr, BN: tl.constexpr, KL: tl.constexpr, ROWS: tl.constexpr, G: tl.constexpr, GCH: tl.constexpr,
+    TO_WORKSPACE: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr, ROW_WORDS: tl.constexpr,
+    EVEN_N: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, LOOKAHEAD: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,
+):  # fmt: skip
+    """Lane-split GEMV: a one-warp program streams ``[KL, BN / 8]`` word tiles, ``KL`` rows spread over lanes.
+
+    With ``BN / 8 = 8 x 32 / KL`` words per row every thread loads 16 bytes (four words, 32 weights) per step,
+    four times what the row kernel's threads load: the same bytes in flight need a quarter of the warps, so the
+    layer needs a quarter of the K splits, and the split-K partials (``split x N`` fp32, for the narrow layers as
+    many bytes as the weight itself) shrink by as much. Each thread sums its own rows elementwise into ``[KL, BN]``
+    accumulators; the lanes of one column are added once per group chunk (``tl.sum`` over ``KL``: shuffles
+    inside the warp, no shared memory), where scale and zero are applied as in :func:`_gemv_kernel`.
+    """
+    tl.static_assert(ROWS == 4, "the pipeline below is written for four word tiles per step")
+    BN8: tl.constexpr = BN // 8
+    STEP: tl.constexpr = KL * ROWS
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_n8 = pid_n * BN8 + tl.arange(0, BN8)
+    lane_k = tl.arange(0, KL)
+    mask_n = offs_n < N
+    mask_n8 = offs_n8 < N8
+    mask_w = (lane_k[:, None] < KL) & mask_n8[None, :]
+    k_begin = pid_k * k_split
+    k_end = tl.minimum(k_begin + k_split, K)
+
+    row_words = N8
+    if ROW_WORDS > 0:
+        row_words = ROW_WORDS
+    w_tile = lane_k[:, None] * row_words + offs_n8[None, :]
+    z_tile = offs_n8[None, :] + 0 * lane_k[:, None]  # a zeros row in the word tile's layout (every lane the same)
+    s_tile = offs_n[None, :] + 0 * lane_k[:, None]
+    # one prefetch per thread and row: its four words share a 16-byte, hence one 128-byte, line
+    pf_tile = lane_k[:, None] * row_words + tl.minimum(pid_n * BN8 + 4 * tl.arange(0, BN8 // 4), N8 - 1)[None, :]
+    step_words = KL * row_words
+    first = qw_ptr + k_begin * row_words + w_tile
+    if PREFETCH > 0:  # the weight is no kernel's output: safe to touch before the wait
+        for r in tl.static_range(PREFETCH):
+            prefetch_l2(first + r * step_words)
+    pdl_sync(PDL)
+    # software pipeline: the ROWS word tiles of the next step are loaded while this step's are unpacked
+    t0 = _load_cols(first, mask_w, EVEN_N)
+    t1 = _load_cols(first + step_words, mask_w, EVEN_N)
+    t2 = _load_cols(first + 2 * step_words, mask_w, EVEN_N)
+    t3 = _load_cols(first + 3 * step_words, mask_w, EVEN_N)
+    # per lane and column: acc = sum over chunks of s (16 d - (16 + z) sx), summed over the lanes at the end
+    acc0 = tl.zeros([KL, BN] if not ONE_CHUNK else [1, BN], dtype=tl.float32)
+    acc1 = tl.zeros([KL, BN] if not ONE_CHUNK else [1, BN], dtype=tl.float32)
+    d0 = tl.zeros([KL, BN], dtype=tl.float32)
+    d1 = tl.zeros([KL, BN], dtype=tl.float32)
+    for r0 in range(k_begin, k_end, STEP):
+        nxt = qw_ptr + tl.minimum(r0 + STEP, k_end - STEP) * row_words + w_tile  # the last step reloads itself
+        x_step = x_ptr + r0 + lane_k[:, None]
+        if LOOKAHEAD > 0:  # tiles LOOKAHEAD steps ahead into L2
+            pf = qw_ptr + tl.minimum(r0 + LOOKAHEAD * STEP, K - STEP) * row_words + pf_tile
+            for r in tl.static_range(ROWS):
+                prefetch_l2(pf + r * step_words)
+        u0 = t0
+        u1 = t1
+        u2 = t2
+        u3 = t3
+        t0 = _load_cols(nxt, mask_w, EVEN_N)
+        t1 = _load_cols(nxt + step_words, mask_w, EVEN_N)
+        t2 = _load_cols(nxt + 2 * step_words, mask_w, EVEN_N)
+        t3 = _load_cols(nxt + 3 * step_words, mask_w, EVEN_N)
+        d0, d1 = _lanes_fma(u0, x_step, stride_xm, d0, d1, BM, BN, ASM)
+        d0, d1 = _lanes_fma(u1, x_step + KL, stride_xm, d0, d1, BM, BN, ASM)
+        d0, d1 = _lanes_fma(u2, x_step + 2 * KL, stride_xm, d0, d1, BM, BN, ASM)
+        d0, d1 = _lanes_fma(u3, x_step + 3 * KL, stride_xm, d0, d1, BM, BN, ASM)
+        if not ONE_CHUNK and (r0 + STEP) % GCH == 0:  # end of a group chunk: apply its scale and zero
+            c0 = r0 + STEP - GCH
+            acc0, acc1 = _lanes_chunk(x_ptr, qz_ptr, s_ptr, c0, stride_xm, N8, N, z_tile, s_tile, mask_w, mask_n,
+                                      acc0, acc1, d0, d1, BM, BN, G, GCH, EVEN_N)  # fmt: skip
+            d0 = tl.zeros([KL, BN], dtype=tl.float32)
+            d1 = tl.zeros([KL, BN], dtype=tl.float32)
+    if ONE_CHUNK:  # the slice lies in one group: its scale and zero once, after the loop (fewer live registers)
+        acc0, acc1 = _lanes_chunk(x_ptr, qz_ptr, s_ptr, k_begin, stride_xm, N8, N, z_tile, s_tile, mask_w, mask_n,
+                                  acc0, acc1, d0, d1, BM, BN, G, GCH, EVEN_N)  # fmt: skip
+    y0 = tl.sum(acc0, axis=0)
+    y1 = tl.sum(acc1, axis=0)
+    _store_rows(out_ptr, bias_ptr, offs_n, mask_n, pid_k, stride_os, stride_om, y0, y1, y1, y1,
+                BM, TO_WORKSPACE, HAS_BIAS)  # fmt: skip
+
+
+@triton.jit
+def _lanes_chunk(x_ptr, qz_ptr, s_ptr, c0, stride_xm, N8, N, z_tile, s_tile, mask_w, mask_n, acc0, acc1, d0, d1,
+                 BM: tl.constexpr, BN: tl.constexpr, G: tl.constexpr, GCH: tl.constexpr,
+                 EVEN_N: tl.constexpr):  # fmt: skip
+    """Close the group chunk of rows ``c0 … c0 + GCH`` of the lane-split GEMV: ``acc += s (16 d - (16 + z) sx)``
+    per lane and column, where ``sx`` is the chunk's sum of activations over all lanes (one vector load: summing it
+    per step in the loop made Triton load every activation twice, once per layout)."""
+    grp = c0 // G
+    z16 = 16.0 + nibble_value(unpack_tile(_load_cols(qz_ptr + grp * N8 + z_tile, mask_w, EVEN_N), BN))
+    s = _load_cols(s_ptr + grp * N + s_tile, mask_n[None, :], EVEN_N).to(tl.float32)
+    rows = c0 + tl.arange(0, GCH)
+    # every lane carries 1 / KL of the zero term (exact: KL is a power of two), the lanes are summed at the end
+    z16 = z16 * (1.0 / d0.shape[0])
+    acc0 += s * (16.0 * d0 - z16 * tl.sum(tl.load(x_ptr + rows).to(tl.float32)))
+    if BM > 1:
+        acc1 += s * (16.0 * d1 - z16 * tl.sum(tl.load(x_ptr + stride_xm + rows).to(tl.float32)))
+    return acc0, acc1
+
+
+@triton.jit
+def _lanes_fma(w, x_ptrs, stride_xm, d0, d1, BM: tl.constexpr, BN: tl.constexpr, ASM: tl.constexpr):
+    """One ``[KL, BN / 8]`` word tile into the lane-split GEMV's sums ``d = sum_k x_k f_k``, one or two rows."""
+    f = unpack_tile_one_plus(w, BN, ASM)
+    d0 += f * tl.load(x_ptrs).to(tl.float32)
+    if BM > 1:
+        d1 += f * tl.load(x_ptrs + stride_xm).to(tl.float32)
+    return d0, d1
+
+
+@triton.jit
+def _store_rows(out_ptr, bias_ptr, offs_n, mask_n, pid_k, stride_os, stride_om, acc0, acc1, acc2, acc3,
+                BM: tl.constexpr, TO_WORKSPACE: tl.constexpr, HAS_BIAS: tl.constexpr):  # fmt: skip
+    """Write up to four rows of a GEMV program's sums: fp32 partials into split ``pid_k`` of the workspace, or the
+    finished output (plus bias) in its dtype."""
     if TO_WORKSPACE:
         base = out_ptr + pid_k * stride_os + offs_n
         tl.store(base, acc0, mask=mask_n)
@@ -235,6 +372,8 @@ def gemv(
     split_k: int = 1,
     num_warps: int = 1,
     specialize_n: bool = True,
+    lanes: int = 1,
+    lookahead: int = 0,
     partials: bool = False,
 ) -> torch.Tensor | Partials:
     """``x [M, K] @ W (+ bias)`` for ``M <= 4`` on CUDA cores (``partials``: see :func:`finish_split_k`).
@@ -242,24 +381,32 @@ def gemv(
     ``block_n`` should be ``256 * num_warps`` times 1, 2 or 4 (4-, 8- or 16-byte weight loads per thread; less makes
     Triton replicate work across threads); ``rows`` rows are loaded ahead. ``split_k`` K slices are whole groups, or
     equal parts of one group (so narrow layers get enough programs). ``specialize_n`` compiles the row length in
-    (one compilation per layer width; off only to measure what it gains).
+    (one compilation per layer width; off only to measure what it gains). ``lanes > 1`` runs the lane-split kernel
+    (:func:`_gemv_lanes_kernel`): ``lanes`` rows per step across the lanes, ``rows`` steps loaded ahead;
+    ``lanes * block_n / 8`` should be ``128 * num_warps`` (16-byte loads, every thread its own words).
     """
     m, k = x.shape
     n = scales.shape[1]
     assert 1 <= m <= 4, "the GEMV takes at most 4 rows"
-    rows = min(rows, group_size)
-    assert x.stride(1) == 1 and group_size % rows == 0, (group_size, rows)
-    k_split, split_k = k_slices(k, group_size, split_k, rows)
+    rows = min(rows, group_size) if lanes == 1 else 4  # the lane-split kernel keeps four tiles in flight
+    step = rows * lanes
+    assert x.stride(1) == 1 and group_size % step == 0, (group_size, rows, lanes)
+    k_split, split_k = k_slices(k, group_size, split_k, step)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     dest = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
     grid = (triton.cdiv(n, block_n), split_k)
     mode = pdl_mode(x.device)
-    _gemv_kernel[grid](
+    if lanes == 1:
+        kernel, shape = _gemv_kernel, {}
+    else:
+        kernel, shape = _gemv_lanes_kernel, {"KL": lanes, "ONE_CHUNK": k_split <= group_size}
+    lookahead = 0 if interpreting() else lookahead  # a prefetch is inline PTX (and only a hint)
+    kernel[grid](
         x, qweight, qzeros, scales, dest, bias if bias is not None else out,
         m, n, n // 8, k, k_split, x.stride(0), m * n, n,
         BM=m, BN=block_n, ROWS=rows, G=group_size, GCH=min(group_size, k_split),
         TO_WORKSPACE=split_k > 1, HAS_BIAS=bias is not None, ASM=not interpreting(),
         ROW_WORDS=n // 8 if specialize_n else 0, EVEN_N=n % block_n == 0, num_warps=num_warps,
-        PREFETCH=rows if mode == 1 else 0, **pdl_launch(x.device, mode),
+        PREFETCH=rows if mode == 1 else 0, LOOKAHEAD=lookahead, **shape, **pdl_launch(x.device, mode),
     )  # fmt: skip
     return finish_split_k(dest, out, bias, partials)
