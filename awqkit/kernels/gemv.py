@@ -109,8 +109,10 @@ def _gemv_kernel(
             # one 64-bit base per step; rows are base + r * row_words (an immediate offset when it is a constant)
             w_row = qw_ptr + r0 * row_words + offs_n8
             x_row = x_ptr + r0
-            if LOOKAHEAD > 0:  # rows LOOKAHEAD steps ahead into L2: the loads below then wait for L2, not DRAM
-                pf_row = qw_ptr + tl.minimum(r0 + LOOKAHEAD * ROWS, K - ROWS) * row_words + cols_in
+            # rows LOOKAHEAD steps ahead into L2 (the loads of that step then wait for L2, not DRAM); none past
+            # the slice: those rows are another program's, and the extra requests cost more than they hide
+            if LOOKAHEAD > 0 and r0 + LOOKAHEAD * ROWS < k_end:
+                pf_row = qw_ptr + (r0 + LOOKAHEAD * ROWS) * row_words + cols_in
                 for r in tl.static_range(ROWS):
                     prefetch_l2(pf_row + r * row_words)
             for r in tl.static_range(ROWS):
@@ -203,8 +205,8 @@ def _gemv_lanes_kernel(
     for r0 in range(k_begin, k_end, STEP):
         nxt = qw_ptr + tl.minimum(r0 + STEP, k_end - STEP) * row_words + w_tile  # the last step reloads itself
         x_step = x_ptr + r0 + lane_k[:, None]
-        if LOOKAHEAD > 0:  # tiles LOOKAHEAD steps ahead into L2
-            pf = qw_ptr + tl.minimum(r0 + LOOKAHEAD * STEP, K - STEP) * row_words + pf_tile
+        if LOOKAHEAD > 0 and r0 + LOOKAHEAD * STEP < k_end:  # tiles LOOKAHEAD steps ahead into L2 (as above)
+            pf = qw_ptr + (r0 + LOOKAHEAD * STEP) * row_words + pf_tile
             for r in tl.static_range(ROWS):
                 prefetch_l2(pf + r * step_words)
         u0 = t0
@@ -387,7 +389,7 @@ def gemv(
     """
     m, k = x.shape
     n = scales.shape[1]
-    assert 1 <= m <= 4, "the GEMV takes at most 4 rows"
+    assert 1 <= m <= (4 if lanes == 1 else 2), "the GEMV takes at most 4 rows (the lane-split kernel 2)"
     rows = min(rows, group_size) if lanes == 1 else 4  # the lane-split kernel keeps four tiles in flight
     step = rows * lanes
     assert x.stride(1) == 1 and group_size % step == 0, (group_size, rows, lanes)
