@@ -127,8 +127,8 @@ def pick_config(m: int, n: int, k: int, group_size: int, sms: int) -> Config:
 
     Rules (H100 sweeps, docs/kernels-notes.md, runs 7-10):
 
-    * M = 1 (and M = 2 on wide layers): the CUDA-core split-K GEMV (~24-32 one-warp programs per SM of independent
-      row streams, split along K down to parts of a group; M = 2: 1024-column programs).
+    * M = 1: the CUDA-core split-K row GEMV (~32 one-warp programs per SM of independent row streams, split along
+      K down to parts of a group, rows prefetched into L2 a step ahead); M = 2 on wide layers: the lane-split GEMV.
     * M <= 16: nibble-plane tensor-core kernel with the per-step fp32 scale/zero correction, one 16-row tile,
       256 columns and 2 warps per program (4 resident per SM), split along K to fill one wave of resident programs
       with >= 4 K steps each (:func:`wave_split`).
@@ -139,12 +139,15 @@ def pick_config(m: int, n: int, k: int, group_size: int, sms: int) -> Config:
     * M <= 128 on wide layers: folded nibble-plane kernel, 32-row tiles; otherwise dequantize + cuBLAS.
     """
     wide = n >= 16384
-    if m == 1 or (m == 2 and wide):
-        # one word (8 columns) per thread and row at M = 1, the row length compiled in (immediate row offsets):
-        # session 4's sweep, every layer; wide layers ~32 programs per SM (gate_up 36.4 us vs 38.1 with v3's 1024-
-        # column programs, Llama-3-8B's 31.6 vs 34.4). M = 2: 1024 columns, 2 warps, 16 rows ahead (51.5 us).
-        block_n, warps, rows, pps = (256, 1, 8, 32 if wide else 24) if m == 1 else (1024, 2, 16, 32)
-        return gemv_config(m, n, k, sms, block_n=block_n, warps=warps, rows=rows, pps=pps)
+    if m == 1:
+        # one word (8 columns) per thread and row, the row length compiled in (immediate row offsets), ~32
+        # one-warp programs per SM, each step's rows prefetched into L2 one step ahead: session 7's H200 sweep, 8
+        # shapes (Qwen2-7B and held-out Llama-3-8B), 6-10 % faster than without the look-ahead on every one
+        return gemv_config(m, n, k, sms, block_n=256, warps=1, rows=8, pps=32, lookahead=1)
+    if m == 2 and wide:
+        # lane-split GEMV (4 rows per step over the lanes, 16-byte loads), ~8 programs per SM, L2 look-ahead of
+        # two steps: same sweep, gate_up 40.9 vs 47.7 us (Llama-3-8B 40.3 vs 42.5) for the 1024-column row kernel
+        return gemv_config(m, n, k, sms, block_n=256, warps=1, rows=4, pps=8, lanes=4, lookahead=2)
     if m <= 16:
         return planes_config(m, n, k, group_size, sms, fold=False, block_m=16, bn8=32, warps=2, stages=2)
     fold32 = planes_config(m, n, k, group_size, sms, fold=True, block_m=32, bn8=32, warps=2)
