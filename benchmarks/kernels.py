@@ -310,20 +310,24 @@ def check_pdl_chain(log) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------- sweeps
-SWEEP_MS = (1,)  # most important first: a deadline cuts the tail
+SWEEP_MS = (1, 2)  # most important first: a deadline cuts the tail
 
 
 def gemv_candidates(m: int, n: int, k: int, sms: int) -> list[tuple[str, Config]]:
-    """GEMV configurations to time against the shipped rule at M = 1: the row kernel's weight rows staged through
-    shared memory by Triton's cp.async pipeline (``stages`` 2-4), with and without the L2 look-ahead, at ~16-32
-    programs per SM."""
+    """GEMV configurations to time against the shipped rule: at M = 1 the row kernel with one or two words per
+    thread (256 or 512 columns per one-warp program), with and without its rows prefetched into L2 a step ahead, at
+    ~16-32 programs per SM; the lane-split kernel (4 or 8 rows per step over the lanes) at ~8-16 programs per SM."""
     out = []
     if m == 1:
-        for stages in (2, 3, 4):
-            for pps in (16, 32):
+        for block_n in (256, 512):
+            for pps in (16, 24, 32):
                 for la in (0, 1):
-                    cfg = gemv_config(m, n, k, sms, block_n=256, warps=1, rows=8, pps=pps, lookahead=la, stages=stages)
-                    out.append((f"row st{stages} pps{pps} la{la} split{cfg.split_k}", cfg))
+                    cfg = gemv_config(m, n, k, sms, block_n=block_n, warps=1, rows=8, pps=pps, lookahead=la)
+                    out.append((f"row bn{block_n} pps{pps} la{la} split{cfg.split_k}", cfg))
+    for lanes, block_n in ((4, 256), (8, 128)):
+        for pps in (8, 16):
+            cfg = gemv_config(m, n, k, sms, block_n=block_n, warps=1, rows=4, pps=pps, lanes=lanes, lookahead=2)
+            out.append((f"lanes{lanes} bn{block_n} pps{pps} la2 split{cfg.split_k}", cfg))
     return out
 
 

@@ -74,7 +74,6 @@ PATHS = {
     "gemv_splitk": (Config("gemv", block_n=256, num_warps=1, rows=8, split_k=2), 3, 128, 72),
     "gemv_subgroup_splitk": (Config("gemv", block_n=256, num_warps=1, rows=8, split_k=16), 2, 64, 40),
     "gemv_even_n": (Config("gemv", block_n=256, num_warps=1, rows=8, split_k=2), 1, 128, 512),  # unmasked loads
-    "gemv_staged": (Config("gemv", block_n=256, num_warps=1, rows=8, split_k=2, stages=3, lookahead=1), 2, 256, 200),
     "gemv_runtime_n": (Config("gemv", block_n=256, num_warps=1, rows=8, split_k=2, specialize_n=False), 2, 128, 200),
     # lane-split GEMV: 4 or 8 rows per step over the lanes; one group chunk per slice, or several
     "gemv_lanes": (Config("gemv", block_n=256, num_warps=1, split_k=2, lanes=4, lookahead=2), 1, 256, 200),

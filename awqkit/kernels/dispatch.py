@@ -112,14 +112,13 @@ def planes_config(
 
 def gemv_config(
     m: int, n: int, k: int, sms: int, *, block_n: int, warps: int, rows: int, pps: int, lanes: int = 1,
-    lookahead: int = 0, stages: int = 1,
+    lookahead: int = 0,
 ) -> Config:
     """A GEMV launch of ``block_n``-column programs, split along K for ~``pps`` programs per SM (at most one slice
     per step of ``rows x lanes`` rows, and a workspace of at most a quarter of the weight's bytes)."""
     split = _split_for(triton.cdiv(n, block_n), max(1, k // (rows * lanes)), sms, pps)
     split = max(1, min(split, k // (32 * m)))
-    return Config("gemv", block_n=block_n, split_k=split, num_warps=warps, rows=rows, lanes=lanes, lookahead=lookahead,
-                  stages=stages)  # fmt: skip
+    return Config("gemv", block_n=block_n, split_k=split, num_warps=warps, rows=rows, lanes=lanes, lookahead=lookahead)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -181,8 +180,7 @@ def run_config(
         return gemv.gemv(
             x, qweight, qzeros, scales, group_size, bias,
             block_n=cfg.block_n, rows=cfg.rows, split_k=cfg.split_k, num_warps=cfg.num_warps,
-            specialize_n=cfg.specialize_n, lanes=cfg.lanes, lookahead=cfg.lookahead, stages=cfg.stages,
-            partials=partials,
+            specialize_n=cfg.specialize_n, lanes=cfg.lanes, lookahead=cfg.lookahead, partials=partials,
         )  # fmt: skip
     if cfg.kernel == "gemm" and cfg.dq >= 3:
         return gemm.gemm_planes(

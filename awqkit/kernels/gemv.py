@@ -57,7 +57,6 @@ def _gemv_kernel(
     BM: tl.constexpr, BN: tl.constexpr, ROWS: tl.constexpr, G: tl.constexpr, GCH: tl.constexpr,
     TO_WORKSPACE: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr, ROW_WORDS: tl.constexpr,
     EVEN_N: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, LOOKAHEAD: tl.constexpr,
-    STAGES: tl.constexpr = 1,
 ):  # fmt: skip
     """Row-streaming GEMV: a program owns ``BN`` columns and ``k_split`` rows of ``W``.
 
@@ -110,7 +109,7 @@ def _gemv_kernel(
         sx1 = 0.0
         sx2 = 0.0
         sx3 = 0.0
-        for r0 in tl.range(g0, g0 + GCH, ROWS, num_stages=STAGES):
+        for r0 in range(g0, g0 + GCH, ROWS):
             # one 64-bit base per step; rows are base + r * row_words (an immediate offset when it is a constant)
             w_row = qw_ptr + r0 * row_words + offs_n8
             x_row = x_ptr + r0
@@ -383,7 +382,6 @@ def gemv(
     specialize_n: bool = True,
     lanes: int = 1,
     lookahead: int = 0,
-    stages: int = 1,
     partials: bool = False,
 ) -> torch.Tensor | Partials:
     """``x [M, K] @ W (+ bias)`` for ``M <= 4`` on CUDA cores (``partials``: see :func:`finish_split_k`).
@@ -407,7 +405,7 @@ def gemv(
     grid = (triton.cdiv(n, block_n), split_k)
     mode = pdl_mode(x.device)
     if lanes == 1:
-        kernel, shape = _gemv_kernel, {"STAGES": stages}
+        kernel, shape = _gemv_kernel, {}
     else:
         kernel, shape = _gemv_lanes_kernel, {"KL": lanes, "ONE_CHUNK": k_split <= group_size}
     lookahead = 0 if interpreting() else lookahead  # a prefetch is inline PTX (and only a hint)
