@@ -201,3 +201,13 @@ def test_dispatch_end_to_end_small():
     for m in (1, 3, 9):
         x = torch.randn(m, 128).half()
         assert _rel(K.awq_matmul(x, qw, qz, sc, 32), x.double() @ w) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("m", [1, 2])
+def test_dispatch_wide_layer_gemvs(m):
+    """M = 1 and 2 on a wide layer (N >= 16384, an odd multiple of 8): the row GEMV with its L2 look-ahead, and the
+    lane-split GEMV, as the dispatcher picks them, against the float reference."""
+    k, n, g = 32, 16392, 32
+    cfg = pick_config(m, n, k, g, 132)
+    assert cfg.kernel == "gemv" and (cfg.lanes, cfg.lookahead) == ((1, 1) if m == 1 else (4, 2))
+    _check(cfg, m, k, n, g, torch.bfloat16, bias=True, seed=11)

@@ -125,7 +125,7 @@ def gemv_config(
 def pick_config(m: int, n: int, k: int, group_size: int, sms: int) -> Config:
     """The configuration for ``[m, k] @ [k, n]`` at ``group_size`` on a GPU with ``sms`` multiprocessors.
 
-    Rules (H100 sweeps, docs/kernels-notes.md, runs 7-10):
+    Rules (H100 sweeps, docs/kernels-notes.md, runs 7-10; M <= 2: the H200 sweeps of session 7):
 
     * M = 1: the CUDA-core split-K row GEMV (~32 one-warp programs per SM of independent row streams, split along
       K down to parts of a group, rows prefetched into L2 a step ahead); M = 2 on wide layers: the lane-split GEMV.
