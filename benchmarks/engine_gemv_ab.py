@@ -19,7 +19,6 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -34,7 +33,6 @@ from benchmarks.engine import profile_decode, prompts_for, qwen2_config, random_
 from benchmarks.shapes import QWEN2_7B  # noqa: E402
 
 WIDE = 16384
-SHIPPED = dispatch.pick_config
 
 
 def lanes_wide(m, n, k, g, sms):
@@ -58,28 +56,10 @@ def lanes_long_k(m, n, k, g, sms):
     return lanes_wide(m, n, k, g, sms)
 
 
-def prefetch_steps(steps: int):
-    """The shipped M = 1 rule with ``steps`` steps of each program's slice requested from L2 before its PDL wait
-    (while the previous kernel still runs) instead of one."""
-
-    def rule(m, n, k, g, sms):
-        cfg = SHIPPED(m, n, k, g, sms)
-        return replace(cfg, pdl_prefetch=steps) if m == 1 and cfg.kernel == "gemv" else None
-
-    return rule
+VARIANTS = {"shipped": None, "lanes_wide": lanes_wide, "lanes_long_k": lanes_long_k, "lanes_all": lanes_all}
 
 
-VARIANTS = {
-    "shipped": None,
-    "lanes_wide": lanes_wide,
-    "lanes_long_k": lanes_long_k,
-    "lanes_all": lanes_all,
-    "pdl_prefetch2": prefetch_steps(2),
-    "pdl_prefetch4": prefetch_steps(4),
-    "pdl_prefetch8": prefetch_steps(8),
-}
-
-
+SHIPPED = dispatch.pick_config
 
 
 def use_variant(rule) -> None:
@@ -96,8 +76,6 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--new", type=int, default=256)
-    ap.add_argument("--tag", default="", help="suffix of the JSON file's name")
-    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     device, dtype = torch.device("cuda"), torch.bfloat16
@@ -113,8 +91,7 @@ def main() -> int:
     greedy = SamplingParams(max_new_tokens=32, temperature=0, ignore_eos=True)
     rows, tokens = [], {}
     for rep in range(args.repeats):
-        for name in dict.fromkeys(["shipped", *args.variants]):
-            rule = VARIANTS[name]
+        for name, rule in VARIANTS.items():
             use_variant(rule)
             engine = Engine.from_checkpoint(ckpt, device=device, dtype=dtype, max_num_seqs=2, max_model_len=512)
             run_engine(engine, prompt, 8)
@@ -133,9 +110,9 @@ def main() -> int:
     same = {name: t == tokens["shipped"] for name, t in tokens.items()}
     doc = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows, tokens_match_shipped=same,
                time=time.strftime("%Y-%m-%d %H:%M"))  # fmt: skip
-    with open(os.path.join(args.out, f"engine_gemv_ab{args.tag}.json"), "w") as f:
+    with open(os.path.join(args.out, "engine_gemv_ab.json"), "w") as f:
         json.dump(doc, f, indent=1)
-    for name in tokens:
+    for name in VARIANTS:
         v = [r["decode_tok_s"] for r in rows if r["variant"] == name]
         print(f"{name:14s} {' '.join(f'{x:7.1f}' for x in v)}  greedy tokens as shipped: {same[name]}")
     return 0

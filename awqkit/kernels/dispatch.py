@@ -46,7 +46,6 @@ class Config:
     maxnreg: int = 0  # nibble-plane kernel: register cap per thread (0 = compiler's choice)
     specialize_n: bool = True  # GEMV: the row length compiled in (False: read at run time, for A/B sweeps)
     lookahead: int = 0  # GEMV: steps ahead whose weight rows are prefetched into L2 (0: none)
-    pdl_prefetch: int = 1  # GEMV: steps of its slice it asks L2 for while the previous kernel still runs (PDL)
     lanes: int = 1  # GEMV: rows per step spread over the lanes (1: the row kernel; >1: the lane-split kernel)
 
 
@@ -181,8 +180,7 @@ def run_config(
         return gemv.gemv(
             x, qweight, qzeros, scales, group_size, bias,
             block_n=cfg.block_n, rows=cfg.rows, split_k=cfg.split_k, num_warps=cfg.num_warps,
-            specialize_n=cfg.specialize_n, lanes=cfg.lanes, lookahead=cfg.lookahead,
-            pdl_prefetch=cfg.pdl_prefetch, partials=partials,
+            specialize_n=cfg.specialize_n, lanes=cfg.lanes, lookahead=cfg.lookahead, partials=partials,
         )  # fmt: skip
     if cfg.kernel == "gemm" and cfg.dq >= 3:
         return gemm.gemm_planes(

@@ -87,9 +87,10 @@ def _gemv_kernel(
     if ROW_WORDS > 0:
         row_words = ROW_WORDS
     cols_in = tl.minimum(offs_n8, N8 - 1)  # in-bounds columns for prefetches (they have no mask)
-    if PREFETCH > 0:  # the weight is no kernel's output: safe to touch before the wait (rows of this slice only)
+    if PREFETCH > 0:  # the weight is no kernel's output: safe to touch before the wait
+        first = qw_ptr + k_begin * row_words + cols_in
         for r in tl.static_range(PREFETCH):
-            prefetch_l2(qw_ptr + tl.minimum(k_begin + r, k_end - 1) * row_words + cols_in)
+            prefetch_l2(first + r * row_words)
     pdl_sync(PDL)
     acc0 = tl.zeros([BN], dtype=tl.float32)
     acc1 = tl.zeros([BN], dtype=tl.float32)
@@ -193,9 +194,9 @@ def _gemv_lanes_kernel(
     pf_tile = lane_k[:, None] * row_words + tl.minimum(pid_n * BN8 + 4 * tl.arange(0, BN8 // 4), N8 - 1)[None, :]
     step_words = KL * row_words
     first = qw_ptr + k_begin * row_words + w_tile
-    if PREFETCH > 0:  # the weight is no kernel's output: safe to touch before the wait (tiles of this slice only)
+    if PREFETCH > 0:  # the weight is no kernel's output: safe to touch before the wait
         for r in tl.static_range(PREFETCH):
-            prefetch_l2(qw_ptr + tl.minimum(k_begin + r * KL, k_end - KL) * row_words + pf_tile)
+            prefetch_l2(first + r * step_words)
     pdl_sync(PDL)
     # software pipeline: the ROWS word tiles of the next step are loaded while this step's are unpacked
     t0 = _load_cols(first, mask_w, EVEN_N)
@@ -381,7 +382,6 @@ def gemv(
     specialize_n: bool = True,
     lanes: int = 1,
     lookahead: int = 0,
-    pdl_prefetch: int = 1,
     partials: bool = False,
 ) -> torch.Tensor | Partials:
     """``x [M, K] @ W (+ bias)`` for ``M <= 4`` on CUDA cores (``partials``: see :func:`finish_split_k`).
@@ -409,14 +409,12 @@ def gemv(
     else:
         kernel, shape = _gemv_lanes_kernel, {"KL": lanes, "ONE_CHUNK": k_split <= group_size}
     lookahead = 0 if interpreting() else lookahead  # a prefetch is inline PTX (and only a hint)
-    # with PDL: the first ``pdl_prefetch`` steps of the slice (rows, or KL-row tiles) into L2 before the wait
-    prefetch = min(pdl_prefetch, triton.cdiv(k_split, step)) * rows
     kernel[grid](
         x, qweight, qzeros, scales, dest, bias if bias is not None else out,
         m, n, n // 8, k, k_split, x.stride(0), m * n, n,
         BM=m, BN=block_n, ROWS=rows, G=group_size, GCH=min(group_size, k_split),
         TO_WORKSPACE=split_k > 1, HAS_BIAS=bias is not None, ASM=not interpreting(),
         ROW_WORDS=n // 8 if specialize_n else 0, EVEN_N=n % block_n == 0, num_warps=num_warps,
-        PREFETCH=prefetch if mode == 1 else 0, LOOKAHEAD=lookahead, **shape, **pdl_launch(x.device, mode),
+        PREFETCH=rows if mode == 1 else 0, LOOKAHEAD=lookahead, **shape, **pdl_launch(x.device, mode),
     )  # fmt: skip
     return finish_split_k(dest, out, bias, partials)
