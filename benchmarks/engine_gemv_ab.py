@@ -32,7 +32,8 @@ from awqkit.kernels import dispatch  # noqa: E402
 from benchmarks.engine import profile_decode, prompts_for, qwen2_config, random_model, run_engine  # noqa: E402
 from benchmarks.shapes import QWEN2_7B  # noqa: E402
 
-WIDE = 16384
+WIDE = dispatch.WIDE_N
+SHIPPED = dispatch.pick_config
 
 
 def lanes_wide(m, n, k, g, sms):
@@ -57,9 +58,6 @@ def lanes_long_k(m, n, k, g, sms):
 
 
 VARIANTS = {"shipped": None, "lanes_wide": lanes_wide, "lanes_long_k": lanes_long_k, "lanes_all": lanes_all}
-
-
-SHIPPED = dispatch.pick_config
 
 
 def use_variant(rule) -> None:

@@ -25,6 +25,8 @@ from awqkit.kernels import dequant, gemm, gemv
 from awqkit.kernels.common import Partials, sm_count
 
 SPLITK_MAX_M = 64
+# Output width from which a layer counts as wide (gate_up-like): enough column blocks to fill the GPU without a split
+WIDE_N = 16384
 
 
 @dataclass(frozen=True)
@@ -138,7 +140,7 @@ def pick_config(m: int, n: int, k: int, group_size: int, sms: int) -> Config:
       nibble-plane kernel with 32-row tiles (one-wave split).
     * M <= 128 on wide layers: folded nibble-plane kernel, 32-row tiles; otherwise dequantize + cuBLAS.
     """
-    wide = n >= 16384
+    wide = n >= WIDE_N
     if m == 1:
         # one word (8 columns) per thread and row, the row length compiled in (immediate row offsets), ~32
         # one-warp programs per SM, each step's rows prefetched into L2 one step ahead: session 7's H200 sweep, 8

@@ -390,8 +390,9 @@ def gemv(
     Triton replicate work across threads); ``rows`` rows are loaded ahead. ``split_k`` K slices are whole groups, or
     equal parts of one group (so narrow layers get enough programs). ``specialize_n`` compiles the row length in
     (one compilation per layer width; off only to measure what it gains). ``lanes > 1`` runs the lane-split kernel
-    (:func:`_gemv_lanes_kernel`): ``lanes`` rows per step across the lanes, ``rows`` steps loaded ahead;
-    ``lanes * block_n / 8`` should be ``128 * num_warps`` (16-byte loads, every thread its own words).
+    (:func:`_gemv_lanes_kernel`): steps of four ``[lanes, block_n / 8]`` word tiles, rows over the lanes (``rows``
+    is then ignored); ``lanes * block_n / 8`` should be ``128 * num_warps`` (16-byte loads, every thread its own
+    words). ``lookahead``: steps ahead whose weight rows are prefetched into L2 (0: none).
     """
     m, k = x.shape
     n = scales.shape[1]
