@@ -586,12 +586,18 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from awqkit.engine import fused
-sig = {"x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "res_out_ptr": "*bf16",
-       "n_cols": "i32", "eps": "fp32"}
-for has_residual in (True, False):
-    consts = dict(HAS_RESIDUAL=has_residual, BLOCK=4096, PDL=has_residual)
+# the residual add + norm on a finished row (one program per row) and on split-K partials spread over programs
+# (the last to arrive normalises: fences, atomics)
+for parts, has_residual, sb, block, row in (("*bf16", False, 1, 4096, 0), ("*bf16", True, 1, 4096, 0),
+                                            ("*fp32", True, 64, 64, 4096)):
+    sig = {"parts_ptr": parts, "bias_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16",
+           "sum_ptr": "*bf16", "ss_ptr": "*fp32", "cnt_ptr": "*i32", "S": "i32", "stride_ps": "i32", "n_cols": "i32",
+           "eps": "fp32"}
+    consts = dict(HAS_RESIDUAL=has_residual, HAS_BIAS=row > 0, STORE_SUM=has_residual, SB=sb, BLOCK=block, ROW=row,
+                  PB=64, ASM=True, PDL=has_residual)
     triton.compile(ASTSource(fn=fused._add_rms_norm_kernel, signature={**sig, **{k: "constexpr" for k in consts}},
-                             constexprs=consts), target=GPUTarget("cuda", 90, 32), options={"num_warps": 16})
+                             constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                   options={"num_warps": max(1, min(16, sb * block // 256))})
 # the rope and SiLU kernels on finished outputs (bf16, one split) and on split-K partials (fp32, a bias)
 for parts, bias, sb in (("*bf16", False, 1), ("*fp32", True, 64)):
     sig = {"parts_ptr": parts, "bias_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "qn_ptr": "*bf16",
@@ -654,9 +660,9 @@ def split_in_three(module: torch.nn.Module, x: torch.Tensor):
 @pytest.mark.parametrize("family,splits", [("qwen2", 3), ("qwen3", 3), ("qwen2", 1)])
 def test_fused_kernels_in_the_model(family, splits, tmp_path, monkeypatch):
     """The whole decoder with the GPU's fused norm, rope and SiLU kernels (interpreted) gives the eager model's
-    logits, prefill and decode, cache included (Qwen2: qkv bias; Qwen3: q/k norm). The linears hand the rope and
-    SiLU kernels their output as one split (a CPU linear) or, as a split-K GPU linear does, as three fp32 partial
-    sums with the bias left to add."""
+    logits, prefill and decode, cache included (Qwen2: qkv bias; Qwen3: q/k norm). Every linear but the lm_head
+    hands the next kernel (rope, SiLU, residual add + RMSNorm) its output as one split (a CPU linear) or, as a
+    split-K GPU linear does, as three fp32 partial sums with the bias left to add."""
     pytest.importorskip("triton")
     from awqkit.engine import fused
     from awqkit.engine import model as M
@@ -683,7 +689,8 @@ def test_fused_kernels_in_the_model(family, splits, tmp_path, monkeypatch):
         tokens, positions = torch.tensor(prompts), torch.arange(9).expand(2, 9)
         logits = [e.model(tokens, positions, 0, 9, logits="all") for e in engines]
     torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
-    assert called == {m for layer in engines[1].model.layers for m in (layer.attn.qkv, layer.mlp.gate_up)}
+    layers = engines[1].model.layers
+    assert called == {m for ly in layers for m in (ly.attn.qkv, ly.attn.o_proj, ly.mlp.gate_up, ly.mlp.down)}
 
 
 def test_fused_kernels_compile_for_hopper():

@@ -220,3 +220,54 @@ def prefetch_l2(ptrs):
     """Ask for the lines at ``ptrs`` to be brought into L2 (no registers written, nothing waits for them)."""
     tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
                               is_pure=False, pack=1)  # fmt: skip
+
+
+# --- "the last program finishes": one launch where a result needs every program's part --------------------------
+#
+# A kernel whose output needs a reduction over all its programs (a row norm over column blocks, attention over
+# context slices) would otherwise need a second launch. Instead each program writes its part, makes it visible
+# device-wide (every thread fences, then a CTA barrier), and bumps an arrival counter; the program that arrives last
+# reads every part back (in a fixed order: deterministic) and finishes, then resets the counter for the next launch.
+# No program waits for another, so nothing can deadlock however the programs are scheduled.
+
+
+@triton.jit
+def arrive_last(cnt_ptr, n_programs, ASM: tl.constexpr):
+    """Signal that this program's writes are done; True in the one program that arrives last (of ``n_programs``
+    sharing the counter at ``cnt_ptr``), which must then call :func:`reset_counter`. ``ASM``: GPU (fence in PTX)."""
+    if ASM:  # fence.acq_rel.gpu in every thread: its stores are visible device-wide before thread 0 signals
+        tl.inline_asm_elementwise("fence.acq_rel.gpu;\n\tmov.b32 $0, $1;", "=r,r", [tl.full([1], 0, tl.int32)],
+                                  dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
+    tl.debug_barrier()
+    return tl.atomic_add(cnt_ptr, 1, sem="acq_rel") == n_programs - 1
+
+
+@triton.jit
+def reset_counter(cnt_ptr):
+    """Zero an arrival counter again (the last program, once it has read every part)."""
+    tl.atomic_xchg(cnt_ptr, 0, sem="relaxed")
+
+
+_COUNTERS: dict = {}
+_RETIRED: list = []  # replaced counters, never freed: a captured graph may hold their addresses
+
+
+def arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    """``>= n`` zeroed int32 arrival counters on ``device`` for :func:`arrive_last`, kept per device and reused by
+    every launch (each leaves them zero; launches on one stream run one after another). Created during a CUDA-graph
+    capture they are zeroed by a memset inside the graph and not kept (warm up eagerly first, as Triton needs
+    anyway). Not for concurrent launches on several streams."""
+    index = device.index
+    if index is None and device.type == "cuda":
+        index = torch.cuda.current_device()
+    key = (device.type, index)
+    cur = _COUNTERS.get(key)
+    if cur is not None and cur.numel() >= n:
+        return cur
+    counters = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return counters
+    if cur is not None:
+        _RETIRED.append(cur)
+    _COUNTERS[key] = counters
+    return counters
