@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
-"""Engine A/B of the M = 1 GEMV rules: batch-1 decode of the Qwen2-7B-shaped int4 engine, one engine per rule.
+"""Engine A/B of the M = 1 GEMV rules and of the kernel fusions: batch-1 decode of the Qwen2-7B-shaped int4 engine,
+one engine per variant.
 
-The kernel benchmark times a GEMV with its split-K reduction; in the engine the qkv and gate_up partials are summed
-by the rotary and SiLU kernels instead (``Partials``), so a rule that writes fewer partials can win there while tying
-in the kernel benchmark. Each variant replaces :func:`awqkit.kernels.dispatch.pick_config` at M = 1 before its
-engine is built (CUDA graphs capture what it picks); the variants run in the order A B C … A B C … so that drift
-shows as spread between a variant's repeats, and the greedy tokens of every variant are compared with the first.
+The kernel benchmark times a GEMV with its split-K reduction; in the engine the partials of every linear but the
+lm_head are summed by the kernel after it instead (``Partials``: rotary, SiLU, residual add + RMSNorm), so a rule
+that writes fewer partials can win there while tying in the kernel benchmark. A rule variant replaces
+:func:`awqkit.kernels.dispatch.pick_config` at M = 1 before its engine is built (CUDA graphs capture what it picks);
+``o_down_reduced`` reduces o_proj's and down's partials in their own kernel again, before a separate norm (the
+engine before the norm took them). The variants run in the order A B C … A B C … so that drift shows as spread
+between a variant's repeats, and the greedy tokens of every variant are compared with the first.
 
-    python3 benchmarks/engine_gemv_ab.py --out DIR
+    python3 benchmarks/engine_gemv_ab.py --out DIR [--variants shipped,o_down_reduced]
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from awqkit import QuantConfig, quantize_rtn  # noqa: E402
 from awqkit.engine import Engine, SamplingParams  # noqa: E402
+from awqkit.engine import model as engine_model  # noqa: E402
 from awqkit.formats.save import save_checkpoint  # noqa: E402
 from awqkit.kernels import dispatch  # noqa: E402
+from awqkit.kernels.common import Partials  # noqa: E402
 from benchmarks.engine import profile_decode, prompts_for, qwen2_config, random_model, run_engine  # noqa: E402
 from benchmarks.shapes import QWEN2_7B  # noqa: E402
 
@@ -57,16 +62,34 @@ def lanes_long_k(m, n, k, g, sms):
     return lanes_wide(m, n, k, g, sms)
 
 
-VARIANTS = {"shipped": None, "lanes_wide": lanes_wide, "lanes_long_k": lanes_long_k, "lanes_all": lanes_all}
+SHIPPED_PARTIALS = engine_model.linear_partials
+O_DOWN_REDUCED = "o_down_reduced"  # not a rule: the engine's o_proj / down reduced before a separate norm kernel
+VARIANTS = {"shipped": None, O_DOWN_REDUCED: None, "lanes_wide": lanes_wide, "lanes_long_k": lanes_long_k,
+            "lanes_all": lanes_all}  # fmt: skip
 
 
-def use_variant(rule) -> None:
-    """Make ``dispatch.pick_config`` answer with ``rule`` where it has an answer, else with the shipped rules."""
+def reduced_before_norm(hidden: int):
+    """``linear_partials`` that finishes the linears whose output is the hidden state (o_proj, down; in Qwen2-7B no
+    other linear has that width) with their own split-K reduction, so the norm kernel after them gets one split."""
+
+    def linear_partials(module, x):
+        if module.out_features == hidden:
+            return Partials(module(x)[None], None)
+        return SHIPPED_PARTIALS(module, x)
+
+    return linear_partials
+
+
+def use_variant(name: str, hidden: int) -> None:
+    """Make ``dispatch.pick_config`` answer with the variant's rule where it has an answer, else with the shipped
+    rules; and the engine's linears hand on partials as the variant says."""
+    rule = VARIANTS[name]
 
     def pick(m, n, k, g, sms):
-        return (rule(m, n, k, g, sms) if rule else None) or SHIPPED(m, n, k, g, sms)
+        return rule(m, n, k, g, sms) or SHIPPED(m, n, k, g, sms)
 
     dispatch.pick_config = pick if rule else SHIPPED
+    engine_model.linear_partials = reduced_before_norm(hidden) if name == O_DOWN_REDUCED else SHIPPED_PARTIALS
 
 
 def main() -> int:
@@ -74,7 +97,12 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, the first is the reference")
     args = ap.parse_args()
+    names = args.variants.split(",")
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown:
+        ap.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     os.makedirs(args.out, exist_ok=True)
     device, dtype = torch.device("cuda"), torch.bfloat16
     config = qwen2_config(QWEN2_7B)
@@ -89,8 +117,8 @@ def main() -> int:
     greedy = SamplingParams(max_new_tokens=32, temperature=0, ignore_eos=True)
     rows, tokens = [], {}
     for rep in range(args.repeats):
-        for name, rule in VARIANTS.items():
-            use_variant(rule)
+        for name in names:
+            use_variant(name, config.hidden_size)
             engine = Engine.from_checkpoint(ckpt, device=device, dtype=dtype, max_num_seqs=2, max_model_len=512)
             run_engine(engine, prompt, 8)
             r = run_engine(engine, prompt, args.new)
@@ -104,15 +132,15 @@ def main() -> int:
             del engine
             gc.collect()
             torch.cuda.empty_cache()
-    use_variant(None)
-    same = {name: t == tokens["shipped"] for name, t in tokens.items()}
-    doc = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows, tokens_match_shipped=same,
+    use_variant("shipped", config.hidden_size)
+    same = {name: t == tokens[names[0]] for name, t in tokens.items()}
+    doc = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows, tokens_match_first=same,
                time=time.strftime("%Y-%m-%d %H:%M"))  # fmt: skip
     with open(os.path.join(args.out, "engine_gemv_ab.json"), "w") as f:
         json.dump(doc, f, indent=1)
-    for name in VARIANTS:
+    for name in names:
         v = [r["decode_tok_s"] for r in rows if r["variant"] == name]
-        print(f"{name:14s} {' '.join(f'{x:7.1f}' for x in v)}  greedy tokens as shipped: {same[name]}")
+        print(f"{name:14s} {' '.join(f'{x:7.1f}' for x in v)}  greedy tokens as {names[0]}: {same[name]}")
     return 0
 
 
