@@ -7,10 +7,12 @@ lm_head are summed by the kernel after it instead (``Partials``: rotary, SiLU, r
 that writes fewer partials can win there while tying in the kernel benchmark. A rule variant replaces
 :func:`awqkit.kernels.dispatch.pick_config` at M = 1 before its engine is built (CUDA graphs capture what it picks);
 ``o_down_reduced`` reduces o_proj's and down's partials in their own kernel again, before a separate norm (the
-engine before the norm took them). The variants run in the order A B C … A B C … so that drift shows as spread
-between a variant's repeats, and the greedy tokens of every variant are compared with the first.
+engine before the norm took them); ``attn_merge_kernel`` merges the attention's context slices in a second kernel
+(the engine before its partial kernel's last program did). The variants run in the order A B C … A B C … so that
+drift shows as spread between a variant's repeats, and the greedy tokens of every variant are compared with the
+first.
 
-    python3 benchmarks/engine_gemv_ab.py --out DIR [--variants shipped,o_down_reduced]
+    python3 benchmarks/engine_gemv_ab.py --out DIR [--variants shipped,o_down_reduced,attn_merge_kernel]
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from awqkit import QuantConfig, quantize_rtn  # noqa: E402
-from awqkit.engine import Engine, SamplingParams  # noqa: E402
+from awqkit.engine import Engine, SamplingParams, attention  # noqa: E402
 from awqkit.engine import model as engine_model  # noqa: E402
 from awqkit.formats.save import save_checkpoint  # noqa: E402
 from awqkit.kernels import dispatch  # noqa: E402
@@ -63,9 +65,12 @@ def lanes_long_k(m, n, k, g, sms):
 
 
 SHIPPED_PARTIALS = engine_model.linear_partials
-O_DOWN_REDUCED = "o_down_reduced"  # not a rule: the engine's o_proj / down reduced before a separate norm kernel
-VARIANTS = {"shipped": None, O_DOWN_REDUCED: None, "lanes_wide": lanes_wide, "lanes_long_k": lanes_long_k,
-            "lanes_all": lanes_all}  # fmt: skip
+SHIPPED_FUSED_SPLITS = attention.MAX_FUSED_SPLITS
+# not rules: the engine's o_proj / down reduced before a separate norm kernel; the attention slices merged by a
+# second kernel at every context length
+O_DOWN_REDUCED, ATTN_MERGE_KERNEL = "o_down_reduced", "attn_merge_kernel"
+VARIANTS = {"shipped": None, O_DOWN_REDUCED: None, ATTN_MERGE_KERNEL: None, "lanes_wide": lanes_wide,
+            "lanes_long_k": lanes_long_k, "lanes_all": lanes_all}  # fmt: skip
 
 
 def reduced_before_norm(hidden: int):
@@ -90,6 +95,7 @@ def use_variant(name: str, hidden: int) -> None:
 
     dispatch.pick_config = pick if rule else SHIPPED
     engine_model.linear_partials = reduced_before_norm(hidden) if name == O_DOWN_REDUCED else SHIPPED_PARTIALS
+    attention.MAX_FUSED_SPLITS = 0 if name == ATTN_MERGE_KERNEL else SHIPPED_FUSED_SPLITS
 
 
 def main() -> int:

@@ -508,10 +508,16 @@ def test_transformers_4_config_spelling():
 # --- the GPU decode-attention kernel, off the GPU ------------------------------------------------------------------
 
 _KERNEL_CHECK = r"""
+import itertools
 import torch, torch.nn.functional as F
+from awqkit.engine import attention as A
 from awqkit.engine.attention import decode_attention
+from awqkit.kernels.common import arrival_counters
 torch.manual_seed(0)
-for B, H, Hkv, D, kv_len, window in [(2, 8, 2, 32, 256, None), (3, 28, 4, 64, 512, None), (2, 4, 4, 32, 256, 50)]:
+cases = [(2, 8, 2, 32, 256, None), (3, 28, 4, 64, 512, None), (2, 4, 4, 32, 256, 50), (1, 4, 1, 32, 300, None)]
+# the slices merged by the partial kernel's last program (up to 16 slices), and by the merge kernel
+for (B, H, Hkv, D, kv_len, window), fused in itertools.product(cases, (16, 0)):
+    A.MAX_FUSED_SPLITS = fused
     cache = torch.randn(B, 2, Hkv, kv_len + 40, D)
     q = torch.randn(B, H, D)
     lengths = torch.randint(1, kv_len + 1, (B,))
@@ -523,7 +529,8 @@ for B, H, Hkv, D, kv_len, window in [(2, 8, 2, 32, 256, None), (3, 28, 4, 64, 51
         lo = max(0, n - window) if window else 0
         k, v = (t[b, :, lo:n].repeat_interleave(H // Hkv, 0) for t in (keys, values))
         ref = F.scaled_dot_product_attention(q[b][:, None], k, v)[:, 0]
-        assert torch.allclose(got[b], ref, atol=1e-5), (B, H, kv_len, window, (got[b] - ref).abs().max())
+        assert torch.allclose(got[b], ref, atol=1e-5), (B, H, kv_len, window, fused, (got[b] - ref).abs().max())
+    assert not arrival_counters(q.device, 1).any()  # each last program left its counter at zero
 print("interpreter ok")
 """
 
@@ -533,15 +540,17 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from awqkit.engine import attention as A
 ints = ["stride_qb", "stride_qh", "stride_kb", "stride_kh", "stride_kl", "stride_vb", "stride_vh", "stride_vl",
-        "kv_len", "chunk", "window", "splits"]
+        "stride_ob", "stride_oh", "kv_len", "chunk", "window", "splits"]
 sig = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "len_ptr": "*i64", "out_ptr": "*fp32",
-       "lse_ptr": "*fp32", **{n: "i32" for n in ints}, "scale": "fp32"}
+       "lse_ptr": "*fp32", "o_ptr": "*bf16", "cnt_ptr": "*i32", **{n: "i32" for n in ints}, "scale": "fp32"}
 for pdl in (False, True):  # programmatic dependent launch: griddepcontrol.wait before the first load
-    consts = dict(G=7, G_PAD=16, D=128, BLOCK=64, PDL=pdl)
+    # merged by the last program (a fence and an acq_rel atomic) or left to the merge kernel
+    consts = dict(G=7, G_PAD=16, D=128, BLOCK=64, MERGE=pdl, S_PAD=16, ASM=True, PDL=pdl)
     k = triton.compile(ASTSource(fn=A._partial_kernel, signature={**sig, **{k: "constexpr" for k in consts}},
                                  constexprs=consts), target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": 4, "launch_pdl": pdl})
     assert ("griddepcontrol.wait" in k.asm["ptx"]) == pdl
+    assert ("fence.acq_rel.gpu" in k.asm["ptx"]) == pdl and ("atom.global.gpu.acq_rel" in k.asm["ptx"]) == pdl
 sig = {"part_ptr": "*fp32", "lse_ptr": "*fp32", "o_ptr": "*bf16", "stride_ob": "i32", "stride_oh": "i32",
        "splits": "i32"}
 consts = dict(S_PAD=8, G=7, G_PAD=16, D=128, PDL=True)

@@ -4,7 +4,10 @@ SDPA's kernels parallelise over (batch, heads, query blocks); at decode that is 
 7B Qwen2 at batch 1), each walking the whole context, which measured 9 µs a layer at 512 tokens and 82 µs at 4,096 on
 an H100. Here each program takes one kv head of one row and a slice of its context, with the G query heads that share
 the kv head as the rows of a small matrix product (each key is read once), and writes a partial result and its
-log-sum-exp; a second kernel merges the slices. Rows attend to keys ``[max(0, length - window), length)``.
+log-sum-exp. The slices are then merged — at decode's usual few slices by the last program of each (row, kv head)
+to finish its slice, in the same launch (:func:`~awqkit.kernels.common.arrive_last`: no second kernel's launch and
+wait on the critical path of every layer), else by a second kernel. Rows attend to keys
+``[max(0, length - window), length)``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,10 @@ except ImportError:  # CPU-only installs: the model uses SDPA
     triton = None
 
 BLOCK_N = 64
+# Most context slices whose merge the partial kernel's last program does itself; beyond, a merge kernel of B * H
+# programs does it (one program merging G heads of many slices would be the tail of every layer). Batch 1 of a 7B
+# Qwen2 on an H100 takes 8 slices up to 512 tokens of context and 16 up to 1,024.
+MAX_FUSED_SPLITS = 16
 
 
 def available() -> bool:
@@ -30,15 +37,19 @@ def available() -> bool:
 
 
 if triton is not None:
-    from awqkit.kernels.common import pdl_launch, pdl_sync
+    from awqkit.kernels.common import arrival_counters, arrive_last, interpreting, pdl_launch, pdl_sync, reset_counter
 
     @triton.jit
     def _partial_kernel(
-        q_ptr, k_ptr, v_ptr, len_ptr, out_ptr, lse_ptr,
-        stride_qb, stride_qh, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
+        q_ptr, k_ptr, v_ptr, len_ptr, out_ptr, lse_ptr, o_ptr, cnt_ptr,
+        stride_qb, stride_qh, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl, stride_ob, stride_oh,
         kv_len, chunk, window, scale, splits,
-        G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
+        G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, MERGE: tl.constexpr,
+        S_PAD: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
+        """Attention of the G query heads of kv head ``h`` of row ``b`` over context slice ``s``: the normalised
+        partial output and its log-sum-exp. ``MERGE``: the last of the row's ``splits`` programs of this kv head to
+        finish merges them into ``o`` (``S_PAD >= splits``)."""
         b, h, s = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
         pdl_sync(PDL)
         length = tl.minimum(tl.load(len_ptr + b).to(tl.int32), kv_len)
@@ -66,26 +77,44 @@ if triton is not None:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        row = (b * tl.num_programs(1) + h) * splits + s
+        hkv = tl.num_programs(1)
+        row = (b * hkv + h) * splits + s
         tl.store(out_ptr + (row * G_PAD + offs_g)[:, None] * D + offs_d[None, :], out)
         tl.store(lse_ptr + row * G_PAD + offs_g, tl.where(l_i > 0, m_i + tl.log(l_i), float("-inf")))
+        if MERGE:
+            if arrive_last(cnt_ptr + b * hkv + h, splits, ASM):
+                # unrolled: the heads' loads are independent, all in flight at once; L2 reads (.cg): other SMs
+                # wrote the parts
+                for g in tl.static_range(G):
+                    _merge_head(out_ptr, lse_ptr, o_ptr, b, h, g, hkv, stride_ob, stride_oh, splits,
+                                S_PAD, G, G_PAD, D, ".cg")  # fmt: skip
+                reset_counter(cnt_ptr + b * hkv + h)
+
+    @triton.jit
+    def _merge_head(part_ptr, lse_ptr, o_ptr, b, h, g, hkv, stride_ob, stride_oh, splits,
+                    S_PAD: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+                    CACHE: tl.constexpr):  # fmt: skip
+        """Query head ``h * G + g`` of row ``b``: its slices' partial outputs weighted by their share of the
+        softmax mass, ``exp(lse_s - max) / sum``, summed in slice order (deterministic)."""
+        offs_s, offs_d = tl.arange(0, S_PAD), tl.arange(0, D)
+        rows = (b * hkv + h) * splits + offs_s
+        lse = tl.load(lse_ptr + rows * G_PAD + g, mask=offs_s < splits, other=float("-inf"), cache_modifier=CACHE)
+        w = tl.exp(lse - tl.max(lse, 0))
+        w = w / tl.sum(w, 0)
+        parts = tl.load(part_ptr + (rows * G_PAD + g)[:, None] * D + offs_d[None, :], mask=(offs_s < splits)[:, None],
+                        other=0.0, cache_modifier=CACHE)  # fmt: skip
+        out = tl.sum(parts * w[:, None], 0)
+        tl.store(o_ptr + b * stride_ob + (h * G + g) * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty))
 
     @triton.jit
     def _merge_kernel(part_ptr, lse_ptr, o_ptr, stride_ob, stride_oh, splits,
                       S_PAD: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
                       PDL: tl.constexpr):  # fmt: skip
+        """The slices' merge when the partial kernel does not do it: one program per (row, query head)."""
         b, hq = tl.program_id(0).to(tl.int64), tl.program_id(1)
         pdl_sync(PDL)
-        h, g = hq // G, hq % G
-        offs_s, offs_d = tl.arange(0, S_PAD), tl.arange(0, D)
-        rows = (b * (tl.num_programs(1) // G) + h) * splits + offs_s
-        lse = tl.load(lse_ptr + rows * G_PAD + g, mask=offs_s < splits, other=float("-inf"))
-        w = tl.exp(lse - tl.max(lse, 0))
-        w = w / tl.sum(w, 0)
-        parts = tl.load(part_ptr + (rows * G_PAD + g)[:, None] * D + offs_d[None, :], mask=(offs_s < splits)[:, None],
-                        other=0.0)  # fmt: skip
-        out = tl.sum(parts * w[:, None], 0)
-        tl.store(o_ptr + b * stride_ob + hq * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty))
+        _merge_head(part_ptr, lse_ptr, o_ptr, b, hq // G, hq % G, tl.num_programs(1) // G, stride_ob, stride_oh,
+                    splits, S_PAD, G, G_PAD, D, "")  # fmt: skip
 
 
 def splits_for(batch: int, kv_heads: int, kv_len: int, sms: int) -> tuple[int, int]:
@@ -115,20 +144,25 @@ def decode_attention(
     else:  # Triton's interpreter (tests)
         sms = 4
     splits, chunk = splits_for(B, Hkv, kv_len, sms)
+    merge = splits <= MAX_FUSED_SPLITS
     part = torch.empty((B, Hkv, splits, G_PAD, D), dtype=torch.float32, device=q.device)
     lse = torch.empty((B, Hkv, splits, G_PAD), dtype=torch.float32, device=q.device)
-    _partial_kernel[(B, Hkv, splits)](
-        q, keys, values, lengths, part, lse,
-        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
-        values.stride(0), values.stride(1), values.stride(2),
-        kv_len, chunk, window or kv_len, D**-0.5, splits,
-        G=G, G_PAD=G_PAD, D=D, BLOCK=BLOCK_N, num_warps=4, **pdl_launch(q.device),
-    )  # fmt: skip
     out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
-    _merge_kernel[(B, H)](
-        part, lse, out, out.stride(0), out.stride(1), splits,
-        S_PAD=triton.next_power_of_2(splits), G=G, G_PAD=G_PAD, D=D, num_warps=1, **pdl_launch(q.device),
+    counters = arrival_counters(q.device, B * Hkv) if merge else lse
+    s_pad = triton.next_power_of_2(splits)
+    _partial_kernel[(B, Hkv, splits)](
+        q, keys, values, lengths, part, lse, out, counters,
+        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
+        values.stride(0), values.stride(1), values.stride(2), out.stride(0), out.stride(1),
+        kv_len, chunk, window or kv_len, D**-0.5, splits,
+        G=G, G_PAD=G_PAD, D=D, BLOCK=BLOCK_N, MERGE=merge, S_PAD=s_pad, ASM=not interpreting(), num_warps=4,
+        **pdl_launch(q.device),
     )  # fmt: skip
+    if not merge:
+        _merge_kernel[(B, H)](
+            part, lse, out, out.stride(0), out.stride(1), splits,
+            S_PAD=s_pad, G=G, G_PAD=G_PAD, D=D, num_warps=1, **pdl_launch(q.device),
+        )  # fmt: skip
     return out
 
 
