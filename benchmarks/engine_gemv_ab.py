@@ -8,7 +8,8 @@ that writes fewer partials can win there while tying in the kernel benchmark. A 
 :func:`awqkit.kernels.dispatch.pick_config` at M = 1 before its engine is built (CUDA graphs capture what it picks);
 ``o_down_reduced`` reduces o_proj's and down's partials in their own kernel again, before a separate norm (the
 engine before the norm took them); ``attn_merge_kernel`` merges the attention's context slices in a second kernel
-(the engine before its partial kernel's last program did). The variants run in the order A B C … A B C … so that
+(the engine before its partial kernel's last program did); ``no_fusions`` both; ``norm_programs_N`` spreads the
+fused norm of split-K partials over ~N programs a row. The variants run in the order A B C … A B C … so that
 drift shows as spread between a variant's repeats, and the greedy tokens of every variant are compared with the
 first.
 
@@ -31,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from awqkit import QuantConfig, quantize_rtn  # noqa: E402
-from awqkit.engine import Engine, SamplingParams, attention  # noqa: E402
+from awqkit.engine import Engine, SamplingParams, attention, fused  # noqa: E402
 from awqkit.engine import model as engine_model  # noqa: E402
 from awqkit.formats.save import save_checkpoint  # noqa: E402
 from awqkit.kernels import dispatch  # noqa: E402
@@ -66,11 +67,14 @@ def lanes_long_k(m, n, k, g, sms):
 
 SHIPPED_PARTIALS = engine_model.linear_partials
 SHIPPED_FUSED_SPLITS = attention.MAX_FUSED_SPLITS
+SHIPPED_NORM_PROGRAMS = fused.NORM_PROGRAMS
 # not rules: the engine's o_proj / down reduced before a separate norm kernel; the attention slices merged by a
-# second kernel at every context length
-O_DOWN_REDUCED, ATTN_MERGE_KERNEL = "o_down_reduced", "attn_merge_kernel"
-VARIANTS = {"shipped": None, O_DOWN_REDUCED: None, ATTN_MERGE_KERNEL: None, "lanes_wide": lanes_wide,
-            "lanes_long_k": lanes_long_k, "lanes_all": lanes_all}  # fmt: skip
+# second kernel at every context length; both; the fused norm spread over ~64 / ~32 programs a row
+O_DOWN_REDUCED, ATTN_MERGE_KERNEL, NO_FUSIONS = "o_down_reduced", "attn_merge_kernel", "no_fusions"
+NORM_PROGRAMS = {"norm_programs_64": 64, "norm_programs_32": 32}
+VARIANTS = {"shipped": None, O_DOWN_REDUCED: None, ATTN_MERGE_KERNEL: None, NO_FUSIONS: None,
+            **dict.fromkeys(NORM_PROGRAMS), "lanes_wide": lanes_wide, "lanes_long_k": lanes_long_k,
+            "lanes_all": lanes_all}  # fmt: skip
 
 
 def reduced_before_norm(hidden: int):
@@ -94,8 +98,10 @@ def use_variant(name: str, hidden: int) -> None:
         return rule(m, n, k, g, sms) or SHIPPED(m, n, k, g, sms)
 
     dispatch.pick_config = pick if rule else SHIPPED
-    engine_model.linear_partials = reduced_before_norm(hidden) if name == O_DOWN_REDUCED else SHIPPED_PARTIALS
-    attention.MAX_FUSED_SPLITS = 0 if name == ATTN_MERGE_KERNEL else SHIPPED_FUSED_SPLITS
+    reduced, merge_kernel = name in (O_DOWN_REDUCED, NO_FUSIONS), name in (ATTN_MERGE_KERNEL, NO_FUSIONS)
+    engine_model.linear_partials = reduced_before_norm(hidden) if reduced else SHIPPED_PARTIALS
+    attention.MAX_FUSED_SPLITS = 0 if merge_kernel else SHIPPED_FUSED_SPLITS
+    fused.NORM_PROGRAMS = NORM_PROGRAMS.get(name, SHIPPED_NORM_PROGRAMS)
 
 
 def main() -> int:

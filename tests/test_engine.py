@@ -514,7 +514,8 @@ from awqkit.engine import attention as A
 from awqkit.engine.attention import decode_attention
 from awqkit.kernels.common import arrival_counters
 torch.manual_seed(0)
-cases = [(2, 8, 2, 32, 256, None), (3, 28, 4, 64, 512, None), (2, 4, 4, 32, 256, 50), (1, 4, 1, 32, 300, None)]
+cases = [(2, 8, 2, 32, 256, None), (3, 28, 4, 64, 512, None), (2, 4, 4, 32, 256, 50), (1, 4, 1, 32, 300, None),
+         (1, 28, 4, 32, 512, None)]  # G = 7 query heads per kv head over 2 slices
 # the slices merged by the partial kernel's last program (up to 16 slices), and by the merge kernel
 for (B, H, Hkv, D, kv_len, window), fused in itertools.product(cases, (16, 0)):
     A.MAX_FUSED_SPLITS = fused
@@ -545,7 +546,7 @@ sig = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "len_ptr": "*i64", 
        "lse_ptr": "*fp32", "o_ptr": "*bf16", "cnt_ptr": "*i32", **{n: "i32" for n in ints}, "scale": "fp32"}
 for pdl in (False, True):  # programmatic dependent launch: griddepcontrol.wait before the first load
     # merged by the last program (a fence and an acq_rel atomic) or left to the merge kernel
-    consts = dict(G=7, G_PAD=16, D=128, BLOCK=64, MERGE=pdl, S_PAD=16, ASM=True, PDL=pdl)
+    consts = dict(G=7, G_PAD=16, D=128, BLOCK=64, MERGE=pdl, S_PAD=16, G_M=8, ASM=True, PDL=pdl)
     k = triton.compile(ASTSource(fn=A._partial_kernel, signature={**sig, **{k: "constexpr" for k in consts}},
                                  constexprs=consts), target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": 4, "launch_pdl": pdl})

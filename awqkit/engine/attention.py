@@ -30,6 +30,7 @@ BLOCK_N = 64
 # programs does it (one program merging G heads of many slices would be the tail of every layer). Batch 1 of a 7B
 # Qwen2 on an H100 takes 8 slices up to 512 tokens of context and 16 up to 1,024.
 MAX_FUSED_SPLITS = 16
+MAX_MERGE_ELEMENTS = 16384  # and at most this many partial values (S_PAD x G x D) in the last program's registers
 
 
 def available() -> bool:
@@ -45,11 +46,11 @@ if triton is not None:
         stride_qb, stride_qh, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl, stride_ob, stride_oh,
         kv_len, chunk, window, scale, splits,
         G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, MERGE: tl.constexpr,
-        S_PAD: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr,
+        S_PAD: tl.constexpr, G_M: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """Attention of the G query heads of kv head ``h`` of row ``b`` over context slice ``s``: the normalised
         partial output and its log-sum-exp. ``MERGE``: the last of the row's ``splits`` programs of this kv head to
-        finish merges them into ``o`` (``S_PAD >= splits``)."""
+        finish merges them into ``o`` (``S_PAD >= splits``, ``G <= G_M <= G_PAD``, powers of two)."""
         b, h, s = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
         pdl_sync(PDL)
         length = tl.minimum(tl.load(len_ptr + b).to(tl.int32), kv_len)
@@ -83,38 +84,49 @@ if triton is not None:
         tl.store(lse_ptr + row * G_PAD + offs_g, tl.where(l_i > 0, m_i + tl.log(l_i), float("-inf")))
         if MERGE:
             if arrive_last(cnt_ptr + b * hkv + h, splits, ASM):
-                # unrolled: the heads' loads are independent, all in flight at once; L2 reads (.cg): other SMs
-                # wrote the parts
-                for g in tl.static_range(G):
-                    _merge_head(out_ptr, lse_ptr, o_ptr, b, h, g, hkv, stride_ob, stride_oh, splits,
-                                S_PAD, G, G_PAD, D, ".cg")  # fmt: skip
+                _merge_kv_head(out_ptr, lse_ptr, o_ptr, b, h, hkv, stride_ob, stride_oh, splits,
+                               S_PAD, G, G_M, G_PAD, D)  # fmt: skip
                 reset_counter(cnt_ptr + b * hkv + h)
 
     @triton.jit
-    def _merge_head(part_ptr, lse_ptr, o_ptr, b, h, g, hkv, stride_ob, stride_oh, splits,
-                    S_PAD: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-                    CACHE: tl.constexpr):  # fmt: skip
-        """Query head ``h * G + g`` of row ``b``: its slices' partial outputs weighted by their share of the
-        softmax mass, ``exp(lse_s - max) / sum``, summed in slice order (deterministic)."""
-        offs_s, offs_d = tl.arange(0, S_PAD), tl.arange(0, D)
+    def _merge_kv_head(part_ptr, lse_ptr, o_ptr, b, h, hkv, stride_ob, stride_oh, splits,
+                       S_PAD: tl.constexpr, G: tl.constexpr, G_M: tl.constexpr, G_PAD: tl.constexpr,
+                       D: tl.constexpr):  # fmt: skip
+        """The G query heads of kv head ``h`` of row ``b``: each slice's partial output weighted by its share of the
+        softmax mass, ``exp(lse_s - max) / sum``. All ``S_PAD x G x D`` parts in one round of loads (the last
+        program's tail is on the layer's critical path: one L2 round trip, not one per head), read from L2 (.cg):
+        other SMs wrote them."""
+        offs_s, offs_g, offs_d = tl.arange(0, S_PAD), tl.arange(0, G_M), tl.arange(0, D)
         rows = (b * hkv + h) * splits + offs_s
-        lse = tl.load(lse_ptr + rows * G_PAD + g, mask=offs_s < splits, other=float("-inf"), cache_modifier=CACHE)
-        w = tl.exp(lse - tl.max(lse, 0))
-        w = w / tl.sum(w, 0)
-        parts = tl.load(part_ptr + (rows * G_PAD + g)[:, None] * D + offs_d[None, :], mask=(offs_s < splits)[:, None],
-                        other=0.0, cache_modifier=CACHE)  # fmt: skip
-        out = tl.sum(parts * w[:, None], 0)
-        tl.store(o_ptr + b * stride_ob + (h * G + g) * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty))
+        at = rows[:, None] * G_PAD + offs_g[None, :]  # [S_PAD, G_M]: the padded query rows exist (G_M <= G_PAD)
+        live = offs_s < splits
+        lse = tl.load(lse_ptr + at, mask=live[:, None], other=float("-inf"), cache_modifier=".cg")
+        parts = tl.load(part_ptr + at[:, :, None] * D + offs_d[None, None, :], mask=live[:, None, None], other=0.0,
+                        cache_modifier=".cg")  # fmt: skip
+        w = tl.exp(lse - tl.max(lse, 0)[None, :])
+        w = w / tl.sum(w, 0)[None, :]
+        out = tl.sum(parts * w[:, :, None], 0)
+        at_o = o_ptr + b * stride_ob + (h * G + offs_g)[:, None] * stride_oh + offs_d[None, :]
+        tl.store(at_o, out.to(o_ptr.dtype.element_ty), mask=(offs_g < G)[:, None])
 
     @triton.jit
     def _merge_kernel(part_ptr, lse_ptr, o_ptr, stride_ob, stride_oh, splits,
                       S_PAD: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
                       PDL: tl.constexpr):  # fmt: skip
-        """The slices' merge when the partial kernel does not do it: one program per (row, query head)."""
+        """The slices' merge when the partial kernel does not do it (many slices): one program per (row, query
+        head), as :func:`_merge_kv_head` weighs them."""
         b, hq = tl.program_id(0).to(tl.int64), tl.program_id(1)
         pdl_sync(PDL)
-        _merge_head(part_ptr, lse_ptr, o_ptr, b, hq // G, hq % G, tl.num_programs(1) // G, stride_ob, stride_oh,
-                    splits, S_PAD, G, G_PAD, D, "")  # fmt: skip
+        h, g = hq // G, hq % G
+        offs_s, offs_d = tl.arange(0, S_PAD), tl.arange(0, D)
+        rows = (b * (tl.num_programs(1) // G) + h) * splits + offs_s
+        lse = tl.load(lse_ptr + rows * G_PAD + g, mask=offs_s < splits, other=float("-inf"))
+        w = tl.exp(lse - tl.max(lse, 0))
+        w = w / tl.sum(w, 0)
+        parts = tl.load(part_ptr + (rows * G_PAD + g)[:, None] * D + offs_d[None, :], mask=(offs_s < splits)[:, None],
+                        other=0.0)  # fmt: skip
+        out = tl.sum(parts * w[:, None], 0)
+        tl.store(o_ptr + b * stride_ob + hq * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty))
 
 
 def splits_for(batch: int, kv_heads: int, kv_len: int, sms: int) -> tuple[int, int]:
@@ -144,18 +156,19 @@ def decode_attention(
     else:  # Triton's interpreter (tests)
         sms = 4
     splits, chunk = splits_for(B, Hkv, kv_len, sms)
-    merge = splits <= MAX_FUSED_SPLITS
+    s_pad = triton.next_power_of_2(splits)
+    g_m = triton.next_power_of_2(G)
+    merge = splits <= MAX_FUSED_SPLITS and s_pad * g_m * D <= MAX_MERGE_ELEMENTS
     part = torch.empty((B, Hkv, splits, G_PAD, D), dtype=torch.float32, device=q.device)
     lse = torch.empty((B, Hkv, splits, G_PAD), dtype=torch.float32, device=q.device)
     out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
     counters = arrival_counters(q.device, B * Hkv) if merge else lse
-    s_pad = triton.next_power_of_2(splits)
     _partial_kernel[(B, Hkv, splits)](
         q, keys, values, lengths, part, lse, out, counters,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), out.stride(0), out.stride(1),
         kv_len, chunk, window or kv_len, D**-0.5, splits,
-        G=G, G_PAD=G_PAD, D=D, BLOCK=BLOCK_N, MERGE=merge, S_PAD=s_pad, ASM=not interpreting(), num_warps=4,
+        G=G, G_PAD=G_PAD, D=D, BLOCK=BLOCK_N, MERGE=merge, S_PAD=s_pad, G_M=g_m, ASM=not interpreting(), num_warps=4,
         **pdl_launch(q.device),
     )  # fmt: skip
     if not merge:

@@ -279,17 +279,22 @@ def silu_mul(gate_up: Partials, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
+# Programs :func:`add_rms_norm` spreads split-K partials of few rows over: every one of them bumps its row's arrival
+# counter (one address) and the last one normalises, so more programs load the splits sooner but queue longer there.
+NORM_PROGRAMS = 256
+
+
 def _norm_launch(splits: int, n_rows: int, n_cols: int) -> tuple[int, int]:
     """``(splits per step, columns per program)`` of :func:`add_rms_norm`: a program per row when the row is one
     split (a finished output) or the call has rows enough; with many splits and few rows, as
     :func:`awqkit.kernels.gemv.reduce_splits` does, all splits in one round of loads where possible and narrow
-    programs until the call has ~256 of them."""
+    programs until the call has ~``NORM_PROGRAMS`` of them."""
     row = triton.next_power_of_2(n_cols)
     if splits == 1 or n_rows >= 64:
         return _splits_per_step(splits, max(1, 4096 // row)), row
     sb = _splits_per_step(splits, 128)
     block = max(16, min(1024, 4096 // sb, row))
-    while block > 16 and triton.cdiv(n_cols, block) * n_rows < 256:
+    while block > 16 and triton.cdiv(n_cols, block) * n_rows < NORM_PROGRAMS:
         block //= 2
     return sb, block
 
