@@ -1,19 +1,13 @@
 #!/usr/bin/env python3
-"""Engine A/B of the M = 1 GEMV rules and of the kernel fusions: batch-1 decode of the Qwen2-7B-shaped int4 engine,
-one engine per variant.
+"""Engine A/B of the M = 1 GEMV rules: batch-1 decode of the Qwen2-7B-shaped int4 engine, one engine per rule.
 
-The kernel benchmark times a GEMV with its split-K reduction; in the engine the partials of every linear but the
-lm_head are summed by the kernel after it instead (``Partials``: rotary, SiLU, residual add + RMSNorm), so a rule
-that writes fewer partials can win there while tying in the kernel benchmark. A rule variant replaces
-:func:`awqkit.kernels.dispatch.pick_config` at M = 1 before its engine is built (CUDA graphs capture what it picks);
-``o_down_reduced`` reduces o_proj's and down's partials in their own kernel again, before a separate norm (the
-engine before the norm took them); ``attn_merge_kernel`` merges the attention's context slices in a second kernel
-(the engine before its partial kernel's last program did); ``no_fusions`` both; ``norm_programs_N`` spreads the
-fused norm of split-K partials over ~N programs a row. The variants run in the order A B C … A B C … so that
-drift shows as spread between a variant's repeats, and the greedy tokens of every variant are compared with the
-first.
+The kernel benchmark times a GEMV with its split-K reduction; in the engine the qkv and gate_up partials are summed
+by the rotary and SiLU kernels instead (``Partials``), so a rule that writes fewer partials can win there while tying
+in the kernel benchmark. Each variant replaces :func:`awqkit.kernels.dispatch.pick_config` at M = 1 before its
+engine is built (CUDA graphs capture what it picks); the variants run in the order A B C … A B C … so that drift
+shows as spread between a variant's repeats, and the greedy tokens of every variant are compared with the first.
 
-    python3 benchmarks/engine_gemv_ab.py --out DIR [--variants shipped,o_down_reduced,attn_merge_kernel]
+    python3 benchmarks/engine_gemv_ab.py --out DIR
 """
 
 from __future__ import annotations
@@ -32,11 +26,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from awqkit import QuantConfig, quantize_rtn  # noqa: E402
-from awqkit.engine import Engine, SamplingParams, attention, fused  # noqa: E402
-from awqkit.engine import model as engine_model  # noqa: E402
+from awqkit.engine import Engine, SamplingParams  # noqa: E402
 from awqkit.formats.save import save_checkpoint  # noqa: E402
 from awqkit.kernels import dispatch  # noqa: E402
-from awqkit.kernels.common import Partials  # noqa: E402
 from benchmarks.engine import profile_decode, prompts_for, qwen2_config, random_model, run_engine  # noqa: E402
 from benchmarks.shapes import QWEN2_7B  # noqa: E402
 
@@ -65,43 +57,16 @@ def lanes_long_k(m, n, k, g, sms):
     return lanes_wide(m, n, k, g, sms)
 
 
-SHIPPED_PARTIALS = engine_model.linear_partials
-SHIPPED_FUSED_SPLITS = attention.MAX_FUSED_SPLITS
-SHIPPED_NORM_PROGRAMS = fused.NORM_PROGRAMS
-# not rules: the engine's o_proj / down reduced before a separate norm kernel; the attention slices merged by a
-# second kernel at every context length; both; the fused norm spread over ~64 / ~32 programs a row
-O_DOWN_REDUCED, ATTN_MERGE_KERNEL, NO_FUSIONS = "o_down_reduced", "attn_merge_kernel", "no_fusions"
-NORM_PROGRAMS = {"norm_programs_64": 64, "norm_programs_32": 32}
-VARIANTS = {"shipped": None, O_DOWN_REDUCED: None, ATTN_MERGE_KERNEL: None, NO_FUSIONS: None,
-            **dict.fromkeys(NORM_PROGRAMS), "lanes_wide": lanes_wide, "lanes_long_k": lanes_long_k,
-            "lanes_all": lanes_all}  # fmt: skip
+VARIANTS = {"shipped": None, "lanes_wide": lanes_wide, "lanes_long_k": lanes_long_k, "lanes_all": lanes_all}
 
 
-def reduced_before_norm(hidden: int):
-    """``linear_partials`` that finishes the linears whose output is the hidden state (o_proj, down; in Qwen2-7B no
-    other linear has that width) with their own split-K reduction, so the norm kernel after them gets one split."""
-
-    def linear_partials(module, x):
-        if module.out_features == hidden:
-            return Partials(module(x)[None], None)
-        return SHIPPED_PARTIALS(module, x)
-
-    return linear_partials
-
-
-def use_variant(name: str, hidden: int) -> None:
-    """Make ``dispatch.pick_config`` answer with the variant's rule where it has an answer, else with the shipped
-    rules; and the engine's linears hand on partials as the variant says."""
-    rule = VARIANTS[name]
+def use_variant(rule) -> None:
+    """Make ``dispatch.pick_config`` answer with ``rule`` where it has an answer, else with the shipped rules."""
 
     def pick(m, n, k, g, sms):
-        return rule(m, n, k, g, sms) or SHIPPED(m, n, k, g, sms)
+        return (rule(m, n, k, g, sms) if rule else None) or SHIPPED(m, n, k, g, sms)
 
     dispatch.pick_config = pick if rule else SHIPPED
-    reduced, merge_kernel = name in (O_DOWN_REDUCED, NO_FUSIONS), name in (ATTN_MERGE_KERNEL, NO_FUSIONS)
-    engine_model.linear_partials = reduced_before_norm(hidden) if reduced else SHIPPED_PARTIALS
-    attention.MAX_FUSED_SPLITS = 0 if merge_kernel else SHIPPED_FUSED_SPLITS
-    fused.NORM_PROGRAMS = NORM_PROGRAMS.get(name, SHIPPED_NORM_PROGRAMS)
 
 
 def main() -> int:
@@ -109,12 +74,7 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--new", type=int, default=256)
-    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, the first is the reference")
     args = ap.parse_args()
-    names = args.variants.split(",")
-    unknown = sorted(set(names) - set(VARIANTS))
-    if unknown:
-        ap.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     os.makedirs(args.out, exist_ok=True)
     device, dtype = torch.device("cuda"), torch.bfloat16
     config = qwen2_config(QWEN2_7B)
@@ -129,8 +89,8 @@ def main() -> int:
     greedy = SamplingParams(max_new_tokens=32, temperature=0, ignore_eos=True)
     rows, tokens = [], {}
     for rep in range(args.repeats):
-        for name in names:
-            use_variant(name, config.hidden_size)
+        for name, rule in VARIANTS.items():
+            use_variant(rule)
             engine = Engine.from_checkpoint(ckpt, device=device, dtype=dtype, max_num_seqs=2, max_model_len=512)
             run_engine(engine, prompt, 8)
             r = run_engine(engine, prompt, args.new)
@@ -144,15 +104,15 @@ def main() -> int:
             del engine
             gc.collect()
             torch.cuda.empty_cache()
-    use_variant("shipped", config.hidden_size)
-    same = {name: t == tokens[names[0]] for name, t in tokens.items()}
-    doc = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows, tokens_match_first=same,
+    use_variant(None)
+    same = {name: t == tokens["shipped"] for name, t in tokens.items()}
+    doc = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows, tokens_match_shipped=same,
                time=time.strftime("%Y-%m-%d %H:%M"))  # fmt: skip
     with open(os.path.join(args.out, "engine_gemv_ab.json"), "w") as f:
         json.dump(doc, f, indent=1)
-    for name in names:
+    for name in VARIANTS:
         v = [r["decode_tok_s"] for r in rows if r["variant"] == name]
-        print(f"{name:14s} {' '.join(f'{x:7.1f}' for x in v)}  greedy tokens as {names[0]}: {same[name]}")
+        print(f"{name:14s} {' '.join(f'{x:7.1f}' for x in v)}  greedy tokens as shipped: {same[name]}")
     return 0
 
 

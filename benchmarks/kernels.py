@@ -3,7 +3,6 @@
 
     python3 benchmarks/kernels.py --out benchmarks/results            # check + benchmark → kernels.json, PNG
     python3 benchmarks/kernels.py --out DIR --sweep                    # also sweep tile configs (tuning aid)
-    python3 benchmarks/kernels.py --out DIR --no-bench --sweep-dequant # dequant chunk widths, M = 128 .. 4096
 
 Method (docs/kernels-notes.md has the numbers):
 
@@ -37,7 +36,6 @@ import triton  # noqa: E402
 
 from awqkit.formats import gemm as fmt  # noqa: E402
 from awqkit.kernels.common import set_pdl, sm_count  # noqa: E402
-from awqkit.kernels.dequant import l2_chunk_n  # noqa: E402
 from awqkit.kernels.dispatch import Config, gemv_config, pick_config, run_config  # noqa: E402
 from awqkit.kernels.gemv import k_slices  # noqa: E402
 from awqkit.nn import AWQLinear  # noqa: E402
@@ -333,28 +331,14 @@ def gemv_candidates(m: int, n: int, k: int, sms: int) -> list[tuple[str, Config]
     return out
 
 
-DEQUANT_SWEEP_MS = (1024, 4096, 256, 128)  # issue 6's target first
-DEQUANT_CHUNKS = (0, 1024, 2048, 4096, 8192)
-
-
-def dequant_candidates(m: int, n: int, k: int, sms: int) -> list[tuple[str, Config]]:
-    """Dequantize + cuBLAS with the weight dequantized in chunks of ``chunk_n`` columns (0: all at once), and the
-    width :func:`l2_chunk_n` picks for this GPU's L2 (bf16). Widths of N or more are the one-pass path: left out."""
-    l2 = l2_chunk_n(k, n, torch.device(DEV), torch.bfloat16)
-    out = [(f"dq chunk{c}", Config("dequant", chunk_n=c)) for c in DEQUANT_CHUNKS if c < n]
-    if l2 and l2 not in DEQUANT_CHUNKS:
-        out.append((f"dq chunk{l2} (l2 rule)", Config("dequant", chunk_n=l2)))
-    return out
-
-
-def sweep_jobs(shapes, sms: int, ms=SWEEP_MS, candidates=gemv_candidates) -> list[tuple]:
+def sweep_jobs(shapes, sms: int, ms=SWEEP_MS) -> list[tuple]:
     """(name, K, N, M, Config, label): the shipped :func:`pick_config` ("base", timed three times spread over the
-    shape's jobs, whose spread is the noise) against ``candidates(m, n, k, sms)`` (the GEMV's by default)."""
+    shape's jobs, whose spread is the noise) against the GEMV candidates."""
     jobs = []
     for name, k, n in shapes:
         for m in ms:
             base = pick_config(m, n, k, GROUP, sms)
-            cands = candidates(m, n, k, sms)
+            cands = gemv_candidates(m, n, k, sms)
             third = max(1, len(cands) // 3)
             for i, (label, cfg) in enumerate(cands):
                 if i % third == 0:
@@ -369,12 +353,9 @@ def warm_jobs(configs) -> list[tuple]:
 
     A compiled kernel depends on the constexprs (tiles, warps, stages, whether split-K writes a workspace, the GEMV's
     rows and the rows of its group chunk, which follow from the split) and on divisibility by 16 of K and N, which
-    every benchmark shape shares. The dequantize kernel takes its chunk's offset and width at run time (widths of
-    a multiple of 16 compile the same), so every chunk width shares the one-pass stand-in's compilation."""
+    every benchmark shape shares."""
     seen, jobs = set(), []
     for cfg, m, k, n in configs:
-        if cfg.kernel == "dequant":
-            cfg = replace(cfg, chunk_n=0)
         gemv_kernel = cfg.kernel == "gemv"
         chunk = k_slices(k, GROUP, cfg.split_k, cfg.rows * cfg.lanes)[0] if gemv_kernel else 0
         mcls = m if gemv_kernel and m <= 8 else 1
@@ -527,8 +508,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--sweep", action="store_true", help="also time many tile configs (tuning data)")
-    ap.add_argument("--sweep-dequant", action="store_true", help="time dequant chunk widths (M = 128 .. 4096)")
-    ap.add_argument("--sweep-seconds", type=float, default=240, help="per sweep asked for")
+    ap.add_argument("--sweep-seconds", type=float, default=240)
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--extra-shapes", action="store_true", help="also benchmark shapes the rules were not tuned on")
     ap.add_argument("--ms", default=",".join(map(str, MS)))
@@ -548,14 +528,10 @@ def main() -> int:
     sms = sm_count(torch.device(DEV))
     ms = [int(v) for v in args.ms.split(",")]
     shapes = SHAPES + (EXTRA_SHAPES if args.extra_shapes else [])
-    sweeps = []  # (output file, jobs)
-    if args.sweep:
-        sweeps.append(("kernels_sweep.json", sweep_jobs(shapes, sms)))
-    if args.sweep_dequant:
-        sweeps.append(("kernels_sweep_dequant.json", sweep_jobs(shapes, sms, DEQUANT_SWEEP_MS, dequant_candidates)))
+    jobs = sweep_jobs(shapes, sms) if args.sweep else []
     # compile everything the run will time in parallel processes first (Triton's disk cache is shared), and run
     # the correctness checks there too: compilation, not the GPU, is the long part of a fresh machine's run
-    configs = [(j[4], j[3], j[1], j[2]) for _, jobs in sweeps for j in jobs]
+    configs = [(j[4], j[3], j[1], j[2]) for j in jobs]
     if not args.no_bench:
         configs += [(pick_config(m, n, k, GROUP, sms), m, k, n) for _, k, n in shapes for m in ms]
     warm = warm_jobs(configs)
@@ -587,11 +563,11 @@ def main() -> int:
         with open(os.path.join(args.out, "kernels.json"), "w") as f:
             json.dump(doc, f, indent=1)
         plot(rows, SHAPES, os.path.join(args.out, "kernels_speedup.png"))
-    for fname, jobs in sweeps:  # after the benchmark (a deadline never cuts it): tuning data for the next version
+    if args.sweep:  # after the benchmark (a deadline never cuts it): tuning data for the next version
         sw = sweep(jobs, log, time.time() + args.sweep_seconds)
-        with open(os.path.join(args.out, fname), "w") as f:
+        with open(os.path.join(args.out, "kernels_sweep.json"), "w") as f:
             json.dump(dict(**meta, group_size=GROUP, rows=sw), f)
-        log(f"sweep {fname} done at {time.time() - t_start:.0f} s")
+        log(f"sweep done at {time.time() - t_start:.0f} s")
     log(f"total {time.time() - t_start:.0f} s; correctness {'OK' if ok else 'FAILED'}")
     return 0 if ok else 1
 

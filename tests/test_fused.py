@@ -134,39 +134,3 @@ def test_ops_check_falls_back_to_eager(monkeypatch, caplog):
         ops.check(torch.device("cpu"), torch.bfloat16)
     assert not ops.partials and ops.rope_and_cache is M.rope_and_cache and ops.silu_mul is M.silu_mul
     assert "disagree with eager" in caplog.text
-
-
-@pytest.mark.parametrize("hidden", [576, 100])
-@pytest.mark.parametrize("splits,bias,n", CASES)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_add_rms_norm_finishes_the_o_and_down_linears(dtype, splits, bias, n, hidden):
-    """Residual add + RMSNorm on an o_proj / down output given as split-K partials: eager's
-    ``add_rms_norm(Partials.total(dtype), residual)``. With splits and few rows the row is spread over many
-    programs and the last one to arrive normalises it; the arrival counters are left at zero for the next call."""
-    from awqkit.kernels.common import arrival_counters
-
-    g = torch.Generator().manual_seed(splits + 10 * n + hidden)
-    x = _partials(splits, bias, n, hidden, dtype, g)
-    residual = _grid(n, hidden, g=g).to(dtype)
-    weight = (torch.rand(hidden, generator=g) + 0.5).to(dtype)
-    total = x.total(dtype)
-    got, summed = fused.add_rms_norm(x, residual, weight, 1e-6)
-    want, want_sum = M.add_rms_norm(total, residual, weight, 1e-6)
-    assert got.shape == summed.shape == (n, hidden) and got.dtype == summed.dtype == dtype
-    torch.testing.assert_close(summed, want_sum, **TOL[dtype])
-    torch.testing.assert_close(got, want, **TOL[dtype])
-    if splits > 1:  # the split-row path ran (many programs a row): its counters are reset
-        assert fused._norm_launch(splits, n, hidden)[1] < hidden
-        assert not arrival_counters(torch.device("cpu"), 1).any()
-    if dtype == torch.float16:  # the same maths as the kernel on the finished output (one program a row)
-        same, same_sum = fused.add_rms_norm(total, residual, weight, 1e-6)
-        assert torch.equal(summed, same_sum)
-        torch.testing.assert_close(got, same, atol=0, rtol=2e-3)  # the row's sum of squares in another order
-
-
-def test_add_rms_norm_of_partials_needs_the_residual():
-    """Without a residual, fp32 partials carry no activation dtype: a clear error, not a guess."""
-    g = torch.Generator().manual_seed(0)
-    x = _partials(3, True, 2, 64, torch.bfloat16, g)
-    with pytest.raises(ValueError, match="needs the residual"):
-        fused.add_rms_norm(x, None, torch.ones(64, dtype=torch.bfloat16), 1e-6)

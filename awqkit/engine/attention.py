@@ -4,10 +4,7 @@ SDPA's kernels parallelise over (batch, heads, query blocks); at decode that is 
 7B Qwen2 at batch 1), each walking the whole context, which measured 9 µs a layer at 512 tokens and 82 µs at 4,096 on
 an H100. Here each program takes one kv head of one row and a slice of its context, with the G query heads that share
 the kv head as the rows of a small matrix product (each key is read once), and writes a partial result and its
-log-sum-exp. The slices are then merged — at decode's usual few slices by the last program of each (row, kv head)
-to finish its slice, in the same launch (:func:`~awqkit.kernels.common.arrive_last`: no second kernel's launch and
-wait on the critical path of every layer), else by a second kernel. Rows attend to keys
-``[max(0, length - window), length)``.
+log-sum-exp; a second kernel merges the slices. Rows attend to keys ``[max(0, length - window), length)``.
 """
 
 from __future__ import annotations
@@ -26,11 +23,6 @@ except ImportError:  # CPU-only installs: the model uses SDPA
     triton = None
 
 BLOCK_N = 64
-# Most context slices whose merge the partial kernel's last program does itself; beyond, a merge kernel of B * H
-# programs does it (one program merging G heads of many slices would be the tail of every layer). Batch 1 of a 7B
-# Qwen2 on an H100 takes 8 slices up to 512 tokens of context and 16 up to 1,024.
-MAX_FUSED_SPLITS = 16
-MAX_MERGE_ELEMENTS = 16384  # and at most this many partial values (S_PAD x G x D) in the last program's registers
 
 
 def available() -> bool:
@@ -38,19 +30,15 @@ def available() -> bool:
 
 
 if triton is not None:
-    from awqkit.kernels.common import arrival_counters, arrive_last, interpreting, pdl_launch, pdl_sync, reset_counter
+    from awqkit.kernels.common import pdl_launch, pdl_sync
 
     @triton.jit
     def _partial_kernel(
-        q_ptr, k_ptr, v_ptr, len_ptr, out_ptr, lse_ptr, o_ptr, cnt_ptr,
-        stride_qb, stride_qh, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl, stride_ob, stride_oh,
+        q_ptr, k_ptr, v_ptr, len_ptr, out_ptr, lse_ptr,
+        stride_qb, stride_qh, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
         kv_len, chunk, window, scale, splits,
-        G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, MERGE: tl.constexpr,
-        S_PAD: tl.constexpr, G_M: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr,
+        G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
-        """Attention of the G query heads of kv head ``h`` of row ``b`` over context slice ``s``: the normalised
-        partial output and its log-sum-exp. ``MERGE``: the last of the row's ``splits`` programs of this kv head to
-        finish merges them into ``o`` (``S_PAD >= splits``, ``G <= G_M <= G_PAD``, powers of two)."""
         b, h, s = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
         pdl_sync(PDL)
         length = tl.minimum(tl.load(len_ptr + b).to(tl.int32), kv_len)
@@ -78,43 +66,14 @@ if triton is not None:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        hkv = tl.num_programs(1)
-        row = (b * hkv + h) * splits + s
+        row = (b * tl.num_programs(1) + h) * splits + s
         tl.store(out_ptr + (row * G_PAD + offs_g)[:, None] * D + offs_d[None, :], out)
         tl.store(lse_ptr + row * G_PAD + offs_g, tl.where(l_i > 0, m_i + tl.log(l_i), float("-inf")))
-        if MERGE:
-            if arrive_last(cnt_ptr + b * hkv + h, splits, ASM):
-                _merge_kv_head(out_ptr, lse_ptr, o_ptr, b, h, hkv, stride_ob, stride_oh, splits,
-                               S_PAD, G, G_M, G_PAD, D)  # fmt: skip
-                reset_counter(cnt_ptr + b * hkv + h)
-
-    @triton.jit
-    def _merge_kv_head(part_ptr, lse_ptr, o_ptr, b, h, hkv, stride_ob, stride_oh, splits,
-                       S_PAD: tl.constexpr, G: tl.constexpr, G_M: tl.constexpr, G_PAD: tl.constexpr,
-                       D: tl.constexpr):  # fmt: skip
-        """The G query heads of kv head ``h`` of row ``b``: each slice's partial output weighted by its share of the
-        softmax mass, ``exp(lse_s - max) / sum``. All ``S_PAD x G x D`` parts in one round of loads (the last
-        program's tail is on the layer's critical path: one L2 round trip, not one per head), read from L2 (.cg):
-        other SMs wrote them."""
-        offs_s, offs_g, offs_d = tl.arange(0, S_PAD), tl.arange(0, G_M), tl.arange(0, D)
-        rows = (b * hkv + h) * splits + offs_s
-        at = rows[:, None] * G_PAD + offs_g[None, :]  # [S_PAD, G_M]: the padded query rows exist (G_M <= G_PAD)
-        live = offs_s < splits
-        lse = tl.load(lse_ptr + at, mask=live[:, None], other=float("-inf"), cache_modifier=".cg")
-        parts = tl.load(part_ptr + at[:, :, None] * D + offs_d[None, None, :], mask=live[:, None, None], other=0.0,
-                        cache_modifier=".cg")  # fmt: skip
-        w = tl.exp(lse - tl.max(lse, 0)[None, :])
-        w = w / tl.sum(w, 0)[None, :]
-        out = tl.sum(parts * w[:, :, None], 0)
-        at_o = o_ptr + b * stride_ob + (h * G + offs_g)[:, None] * stride_oh + offs_d[None, :]
-        tl.store(at_o, out.to(o_ptr.dtype.element_ty), mask=(offs_g < G)[:, None])
 
     @triton.jit
     def _merge_kernel(part_ptr, lse_ptr, o_ptr, stride_ob, stride_oh, splits,
                       S_PAD: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
                       PDL: tl.constexpr):  # fmt: skip
-        """The slices' merge when the partial kernel does not do it (many slices): one program per (row, query
-        head), as :func:`_merge_kv_head` weighs them."""
         b, hq = tl.program_id(0).to(tl.int64), tl.program_id(1)
         pdl_sync(PDL)
         h, g = hq // G, hq % G
@@ -156,26 +115,20 @@ def decode_attention(
     else:  # Triton's interpreter (tests)
         sms = 4
     splits, chunk = splits_for(B, Hkv, kv_len, sms)
-    s_pad = triton.next_power_of_2(splits)
-    g_m = triton.next_power_of_2(G)
-    merge = splits <= MAX_FUSED_SPLITS and s_pad * g_m * D <= MAX_MERGE_ELEMENTS
     part = torch.empty((B, Hkv, splits, G_PAD, D), dtype=torch.float32, device=q.device)
     lse = torch.empty((B, Hkv, splits, G_PAD), dtype=torch.float32, device=q.device)
-    out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
-    counters = arrival_counters(q.device, B * Hkv) if merge else lse
     _partial_kernel[(B, Hkv, splits)](
-        q, keys, values, lengths, part, lse, out, counters,
+        q, keys, values, lengths, part, lse,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
-        values.stride(0), values.stride(1), values.stride(2), out.stride(0), out.stride(1),
+        values.stride(0), values.stride(1), values.stride(2),
         kv_len, chunk, window or kv_len, D**-0.5, splits,
-        G=G, G_PAD=G_PAD, D=D, BLOCK=BLOCK_N, MERGE=merge, S_PAD=s_pad, G_M=g_m, ASM=not interpreting(), num_warps=4,
-        **pdl_launch(q.device),
+        G=G, G_PAD=G_PAD, D=D, BLOCK=BLOCK_N, num_warps=4, **pdl_launch(q.device),
     )  # fmt: skip
-    if not merge:
-        _merge_kernel[(B, H)](
-            part, lse, out, out.stride(0), out.stride(1), splits,
-            S_PAD=s_pad, G=G, G_PAD=G_PAD, D=D, num_warps=1, **pdl_launch(q.device),
-        )  # fmt: skip
+    out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
+    _merge_kernel[(B, H)](
+        part, lse, out, out.stride(0), out.stride(1), splits,
+        S_PAD=triton.next_power_of_2(splits), G=G, G_PAD=G_PAD, D=D, num_warps=1, **pdl_launch(q.device),
+    )  # fmt: skip
     return out
 
 

@@ -54,64 +54,30 @@ def rope_supported(head_dim: int) -> bool:
 
 
 if triton is not None:
-    from awqkit.kernels.common import arrival_counters, arrive_last, interpreting, pdl_launch, pdl_sync, reset_counter
+    from awqkit.kernels.common import pdl_launch, pdl_sync
 
     @triton.jit
     def _add_rms_norm_kernel(
-        parts_ptr, bias_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, ss_ptr, cnt_ptr, S, stride_ps, n_cols, eps,
-        HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, STORE_SUM: tl.constexpr, SB: tl.constexpr,
-        BLOCK: tl.constexpr, ROW: tl.constexpr, PB: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr,
+        x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, n_cols, eps,
+        HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
-        """``x = sum of the S splits (+ bias)`` rounded to the activation dtype, ``x += residual`` (rounded again),
-        ``out = norm(x) * w``, for ``BLOCK`` columns of one token's row (``sum_ptr`` gets ``x`` if ``STORE_SUM``).
-
-        With ``ROW == 0`` the program holds the whole row. Otherwise the row is spread over ``num_programs(1)``
-        programs (few tokens, many splits: the splits' bytes need many programs in flight): each stores its part of
-        ``x`` and of the sum of squares, and the last to arrive reads them back and normalises the ``ROW``-wide row
-        (:func:`~awqkit.kernels.common.arrive_last`) — the split-K reduction, the residual add and the norm in one
-        launch."""
-        t = tl.program_id(0).to(tl.int64)
-        p = tl.program_id(1)
-        row = t * n_cols
-        cols = p * BLOCK + tl.arange(0, BLOCK)
+        row = tl.program_id(0).to(tl.int64) * n_cols
+        cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
-        dtype = out_ptr.dtype.element_ty
         pdl_sync(PDL)
-        x, _ = _sum_splits(parts_ptr + row, bias_ptr, stride_ps, S, cols, 0, mask, HAS_BIAS, SB, False)
-        x = x.to(dtype)  # where the unfused path rounds the linear's output
+        x = tl.load(x_ptr + row + cols, mask=mask, other=0.0)
         if HAS_RESIDUAL:
-            x = (x.to(tl.float32) + tl.load(res_ptr + row + cols, mask=mask, other=0.0).to(tl.float32)).to(dtype)
-        if STORE_SUM:
-            tl.store(sum_ptr + row + cols, x, mask=mask)
+            x = (x.to(tl.float32) + tl.load(res_ptr + row + cols, mask=mask, other=0.0).to(tl.float32)).to(x.dtype)
+            tl.store(res_out_ptr + row + cols, x, mask=mask)
         xf = x.to(tl.float32)
-        ss = tl.sum(xf * xf, axis=0)
-        if ROW == 0:
-            _store_normed(xf, ss, w_ptr, out_ptr + row, cols, mask, n_cols, eps)
-        else:
-            n_parts = tl.num_programs(1)
-            tl.store(ss_ptr + t * n_parts + p, ss)
-            if arrive_last(cnt_ptr + t, n_parts, ASM):
-                # L2 reads (.cg): the other programs' parts were never in this SM's L1, but make sure
-                sp = tl.arange(0, PB)
-                row_ss = tl.sum(tl.load(ss_ptr + t * n_parts + sp, mask=sp < n_parts, other=0.0, cache_modifier=".cg"))
-                full = tl.arange(0, ROW)
-                fmask = full < n_cols
-                row_x = tl.load(sum_ptr + row + full, mask=fmask, other=0.0, cache_modifier=".cg").to(tl.float32)
-                _store_normed(row_x, row_ss, w_ptr, out_ptr + row, full, fmask, n_cols, eps)
-                reset_counter(cnt_ptr + t)
-
-    @triton.jit
-    def _store_normed(xf, ss, w_ptr, out_ptr, cols, mask, n_cols, eps):
-        """``out = round(x * rstd) * w`` from ``x`` in float32 and the row's sum of squares ``ss``."""
-        rstd = tl.rsqrt(ss / n_cols + eps)
+        rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / n_cols + eps)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        dtype = out_ptr.dtype.element_ty
-        tl.store(out_ptr + cols, ((xf * rstd).to(dtype).to(tl.float32) * w).to(dtype), mask=mask)
+        y = (xf * rstd).to(x.dtype).to(tl.float32) * w
+        tl.store(out_ptr + row + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _sum_splits(row_ptr, bias_ptr, stride_s, S, cols, second, mask, HAS_BIAS: tl.constexpr, SB: tl.constexpr,
-                    TWO: tl.constexpr = True):  # fmt: skip
-        """The float32 totals at ``cols`` and (``TWO``) at ``cols + second`` of one token's row of a
+    def _sum_splits(row_ptr, bias_ptr, stride_s, S, cols, second, mask, HAS_BIAS: tl.constexpr, SB: tl.constexpr):
+        """The float32 totals at ``cols`` and at ``cols + second`` of one token's row of a
         :class:`~awqkit.kernels.common.Partials` (``row_ptr``: the row in split 0), bias included, not yet rounded.
 
         ``SB`` splits of both column sets are loaded per step, ``2 * SB`` independent loads in flight: one split at
@@ -123,13 +89,11 @@ if triton is not None:
             at = row_ptr + (s0 + sp)[:, None] * stride_s + cols[None, :]
             m = ((s0 + sp) < S)[:, None] & mask[None, :]
             a += tl.load(at, mask=m, other=0.0).to(tl.float32)
-            if TWO:
-                b += tl.load(at + second, mask=m, other=0.0).to(tl.float32)
+            b += tl.load(at + second, mask=m, other=0.0).to(tl.float32)
         a, b = tl.sum(a, axis=0), tl.sum(b, axis=0)
         if HAS_BIAS:  # added after the splits, as Partials.total does
             a += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            if TWO:
-                b += tl.load(bias_ptr + second + cols, mask=mask, other=0.0).to(tl.float32)
+            b += tl.load(bias_ptr + second + cols, mask=mask, other=0.0).to(tl.float32)
         return a, b
 
     @triton.jit
@@ -279,64 +243,20 @@ def silu_mul(gate_up: Partials, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-# Programs :func:`add_rms_norm` spreads split-K partials of few rows over: every one of them bumps its row's arrival
-# counter (one address) and the last one normalises, so more programs load the splits sooner but queue longer there.
-NORM_PROGRAMS = 256
-
-
-def _norm_launch(splits: int, n_rows: int, n_cols: int) -> tuple[int, int]:
-    """``(splits per step, columns per program)`` of :func:`add_rms_norm`: a program per row when the row is one
-    split (a finished output) or the call has rows enough; with many splits and few rows, as
-    :func:`awqkit.kernels.gemv.reduce_splits` does, all splits in one round of loads where possible and narrow
-    programs until the call has ~``NORM_PROGRAMS`` of them."""
-    row = triton.next_power_of_2(n_cols)
-    if splits == 1 or n_rows >= 64:
-        return _splits_per_step(splits, max(1, 4096 // row)), row
-    sb = _splits_per_step(splits, 128)
-    block = max(16, min(1024, 4096 // sb, row))
-    while block > 16 and triton.cdiv(n_cols, block) * n_rows < NORM_PROGRAMS:
-        block //= 2
-    return sb, block
-
-
 def add_rms_norm(
-    x: torch.Tensor | Partials, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(norm(x + residual), x + residual)`` for ``x [N, hidden]``; with no residual, ``(norm(x), x)``.
-
-    ``x`` may be a linear's unreduced :class:`~awqkit.kernels.common.Partials` ``[S, N, hidden]`` (o_proj, down):
-    the splits (and bias) are summed and rounded to the residual's dtype as they are read, so the reduction, the
-    residual add and the norm are one launch."""
-    from awqkit.kernels.common import Partials
-
-    if isinstance(x, torch.Tensor):
-        shape, parts = x.shape, Partials(x.reshape(1, -1, x.shape[-1]), None)
-    else:
-        _check_parts(x, x.parts.shape[-1])
-        shape, parts = x.parts.shape[1:], x
-    if residual is None and (parts.parts.shape[0] > 1 or parts.bias is not None):
-        raise ValueError("add_rms_norm of split-K partials needs the residual (its dtype is the activations')")
-    S, n_rows, n_cols = parts.parts.shape
-    dtype = parts.parts.dtype if residual is None else residual.dtype
-    if parts.parts.stride(-1) != 1 or (residual is not None and residual.stride(-1) != 1):
+    """``(norm(x + residual), x + residual)`` for ``x [N, hidden]``; with no residual, ``(norm(x), x)``."""
+    if x.stride(-1) != 1 or (residual is not None and residual.stride(-1) != 1):
         raise ValueError("add_rms_norm needs rows with unit stride")
-    out = torch.empty((n_rows, n_cols), dtype=dtype, device=weight.device)
-    store_sum = residual is not None or S > 1 or parts.bias is not None
-    summed = torch.empty_like(out) if store_sum else parts.parts[0]
-    if n_rows == 0:
-        return out.view(shape), summed.view(shape)
-    sb, block = _norm_launch(S, n_rows, n_cols)
-    n_parts = triton.cdiv(n_cols, block)
-    split_row = n_parts > 1
-    ss = torch.empty(n_rows * n_parts if split_row else 1, dtype=torch.float32, device=out.device)
-    counters = arrival_counters(out.device, n_rows) if split_row else ss
-    bias = parts.bias
-    res = residual.reshape(n_rows, n_cols) if residual is not None else out
-    _add_rms_norm_kernel[(n_rows, n_parts)](
-        parts.parts, bias if bias is not None else out, res, weight, out, summed, ss, counters,
-        S, parts.parts.stride(0), n_cols, eps,
-        HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, STORE_SUM=store_sum, SB=sb, BLOCK=block,
-        ROW=triton.next_power_of_2(n_cols) if split_row else 0, PB=triton.next_power_of_2(n_parts),
-        ASM=not interpreting(), num_warps=max(1, min(16, sb * block // 256)), **pdl_launch(out.device),
+    x2 = x.reshape(-1, x.shape[-1])
+    n_rows, n_cols = x2.shape
+    out = torch.empty_like(x2)
+    res_out = torch.empty_like(x2) if residual is not None else x2
+    block = triton.next_power_of_2(n_cols)
+    _add_rms_norm_kernel[(n_rows,)](
+        x2, residual.reshape(n_rows, n_cols) if residual is not None else x2, weight, out, res_out, n_cols, eps,
+        HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=max(1, min(16, block // 256)),
+        **pdl_launch(x.device),
     )  # fmt: skip
-    return out.view(shape), summed.view(shape)
+    return out.view(x.shape), res_out.view(x.shape)

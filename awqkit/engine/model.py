@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 # --- the pointwise pieces of a layer -----------------------------------------------------------------------------
 # Written once as plain PyTorch. On CUDA each is torch.compile'd into one kernel, which matters at decode: a step is
 # ~12 kernels a layer, and unfused these would be ~35 (the norms, the rotary embedding and the SiLU use hand-written
-# kernels there instead, which also sum the split-K partials of the linear before them:
+# kernels there instead, the last two also summing the split-K partials of the linear before them:
 # :mod:`awqkit.engine.fused`). On CPU they run eagerly (tests, embedded default).
 
 
@@ -124,12 +124,11 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 class Ops:
     """The pointwise functions a model uses: compiled (fused kernels) or eager; ``fused_norm``: the norms as
-    :mod:`awqkit.engine.fused`'s Triton kernels; ``fused_partials``: the rotary embedding + KV write, the SiLU and
-    the norms as its kernels that also finish the linear before them (qkv, gate_up; o_proj, down), with the norms
-    fused whatever ``fused_norm`` says (``partials`` is then on: the layers hand those kernels the linears'
-    unreduced :class:`~awqkit.kernels.common.Partials`, and ``rope_and_cache`` / ``silu_mul`` / the norms take
-    them, with :func:`awqkit.engine.fused.rope_and_cache`'s, :func:`~awqkit.engine.fused.silu_mul`'s and
-    :func:`~awqkit.engine.fused.add_rms_norm`'s signatures)."""
+    :mod:`awqkit.engine.fused`'s Triton kernels; ``fused_partials``: the rotary embedding + KV write and the SiLU as
+    its kernels that also finish the qkv / gate_up linears (``partials`` is then on: the layers hand those kernels
+    the linears' unreduced :class:`~awqkit.kernels.common.Partials`, and ``rope_and_cache`` / ``silu_mul`` take
+    them, with :func:`awqkit.engine.fused.rope_and_cache`'s and :func:`~awqkit.engine.fused.silu_mul`'s
+    signatures)."""
 
     def __init__(self, compile: bool, fused_norm: bool = False, fused_partials: bool = False) -> None:
         if compile:
@@ -155,7 +154,7 @@ class Ops:
 
         self.rms_norm = wrap(rms_norm)
         self.add_rms_norm = wrap(add_rms_norm)
-        if fused_norm or fused_partials:
+        if fused_norm:
             self.rms_norm = lambda x, weight, eps: fused.add_rms_norm(x, None, weight, eps)[0]
             self.add_rms_norm = lambda x, residual, weight, eps: fused.add_rms_norm(x, residual, weight, eps)
         self.rope_and_cache = wrap(rope_and_cache)
@@ -217,19 +216,12 @@ class Ops:
             got, want = self.add_rms_norm(x, residual, weight, 1e-5), add_rms_norm(x, residual, weight, 1e-5)
             ok = all(_close(a, b) for a, b in zip(got, want))
             ok = ok and _close(self.rms_norm(x, weight, 1e-5), rms_norm(x, weight, 1e-5))
-            if self.partials:  # o_proj / down partials: split-K sums over rows spread across programs
-                parts = _random_partials(3, 2, 576, device, dtype, g)
-                got = self.add_rms_norm(parts, residual[:2], weight, 1e-5)
-                want = add_rms_norm(parts.total(dtype), residual[:2], weight, 1e-5)
-                ok = ok and all(_close(a, b) for a, b in zip(got, want))
         except Exception as e:  # noqa: BLE001 - a kernel that cannot run here: use the eager functions
             log.warning("the norm kernel failed on %s (%s)", device, e)
             ok = False
         if not ok:
             log.warning("fused norms disagree with eager on %s; running them eagerly", device)
             self.rms_norm, self.add_rms_norm = rms_norm, add_rms_norm
-            if self.partials:  # the eager norms take finished outputs only
-                self.partials, self.rope_and_cache, self.silu_mul = False, rope_and_cache, silu_mul
 
 
 # --- modules ----------------------------------------------------------------------------------------------------
@@ -264,11 +256,8 @@ class RMSNorm(nn.Module):
         self.register_buffer("weight", weight)
         self.eps, self.ops = eps, ops
 
-    def forward(
-        self, x: torch.Tensor | Partials, residual: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(norm(x + residual), x + residual)``; with no residual, ``(norm(x), x)``. ``x`` may be the previous
-        linear's :class:`Partials` (``ops.partials``: the norm kernel finishes the linear)."""
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(norm(x + residual), x + residual)``; with no residual, ``(norm(x), x)``."""
         if residual is None:
             return self.ops.rms_norm(x, self.weight, self.eps), x
         return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
@@ -336,18 +325,14 @@ class Attention(nn.Module):
             rows = cache[self.layer * step.num_slots + step.slots, :, :, : step.kv_len]
         keys, values = rows[:, 0], rows[:, 1]
         if step.lengths is not None:
-            return self._out(attention.decode_attention(q, keys, values, step.lengths, self.window).view(N, H * D))
+            return self.o_proj(attention.decode_attention(q, keys, values, step.lengths, self.window).view(N, H * D))
         # Grouped-query attention without copying the cache: the G = H / Hkv query heads that share a kv head are
         # folded into the query length, so SDPA sees Hkv heads with G * T queries each and reads each key once.
         G = H // Hkv
         q = q.view(B, T, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, G * T, D)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.masks[self.window])
         out = out.view(B, Hkv, G, T, D).permute(0, 3, 1, 2, 4).reshape(N, H * D)
-        return self._out(out)
-
-    def _out(self, x: torch.Tensor) -> torch.Tensor | Partials:
-        """o_proj; with ``partials`` left unreduced for the norm kernel after it, which finishes it."""
-        return linear_partials(self.o_proj, x) if self.ops.partials else self.o_proj(x)
+        return self.o_proj(out)
 
 
 class MLP(nn.Module):
@@ -355,9 +340,9 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_up, self.down, self.ops = gate_up, down, ops
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | Partials:
-        if self.ops.partials:  # the SiLU kernel finishes the gate_up linear, the next norm kernel the down linear
-            return linear_partials(self.down, self.ops.silu_mul(linear_partials(self.gate_up, x), x.dtype))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ops.partials:  # the SiLU kernel finishes the gate_up linear
+            return self.down(self.ops.silu_mul(linear_partials(self.gate_up, x), x.dtype))
         return self.down(self.ops.silu_mul(self.gate_up(x)))
 
 
@@ -432,14 +417,10 @@ class Transformer(nn.Module):
             x, residual = layer(x, residual, self.kv_cache, step)
         if logits == "none":
             return None
-        if logits == "last" and (T > 1 or last is not None):  # (one token a row: every row is its last already)
-            col = torch.full((B,), T - 1, device=residual.device) if last is None else last
-            row = torch.arange(B, device=residual.device)
-            residual = residual.view(B, T, -1)[row, col]
-            if not isinstance(x, torch.Tensor):  # Partials of the down linear, summed by the final norm
-                x = x._replace(parts=x.parts.view(x.parts.shape[0], B, T, -1)[:, row, col])
-            else:
-                x = x.view(B, T, -1)[row, col]
+        if logits == "last":
+            col = torch.full((B,), T - 1, device=x.device) if last is None else last
+            row = torch.arange(B, device=x.device)
+            x, residual = x.view(B, T, -1)[row, col], residual.view(B, T, -1)[row, col]
         x, _ = self.norm(x, residual)
         out = F.linear(x, self.lm_head)
         return out if logits == "last" else out.view(B, T, -1)

@@ -49,8 +49,6 @@ class Config:
     specialize_n: bool = True  # GEMV: the row length compiled in (False: read at run time, for A/B sweeps)
     lookahead: int = 0  # GEMV: steps ahead whose weight rows are prefetched into L2 (0: none)
     lanes: int = 1  # GEMV: rows per step spread over the lanes (1: the row kernel; >1: the lane-split kernel)
-    chunk_n: int = 0  # dequant kernel: columns dequantized per chunk, 0 = whole weight at once (dequant.L2_CHUNK =
-    # dequant.l2_chunk_n's width for the device, resolved at run time)
 
 
 def _split_for(tiles: int, k_steps: int, sms: int, programs_per_sm: int) -> int:
@@ -168,19 +166,6 @@ def pick_config(m: int, n: int, k: int, group_size: int, sms: int) -> Config:
     return Config("dequant")
 
 
-# Smallest M that the proposed rule below dequantizes in L2-sized chunks (provisional: the H200 sweep decides)
-CHUNK_MIN_M = 512
-
-
-def dequant_config(m: int) -> Config:
-    """Proposed rule for the dequantize + cuBLAS path, not used by :func:`pick_config` yet (switch it on there by
-    returning ``dequant_config(m)`` instead of ``Config("dequant")``): from ``CHUNK_MIN_M`` rows on, dequantize in
-    chunks of :func:`dequant.l2_chunk_n`'s width (each stays in L2 until cuBLAS has read it); below, in one pass,
-    because a chunk's GEMM of few rows has too few output tiles to fill the GPU (M = 256, 2304 columns: 36 tiles
-    of 128x128 on 132 SMs), while the dequantized bytes saved are the same at every M."""
-    return Config("dequant", chunk_n=dequant.L2_CHUNK if m >= CHUNK_MIN_M else 0)
-
-
 def run_config(
     cfg: Config,
     x: torch.Tensor,
@@ -215,7 +200,7 @@ def run_config(
             num_warps=cfg.num_warps, stages=cfg.stages, swap=cfg.swap, dq=cfg.dq, partials=partials,
         )  # fmt: skip
     if cfg.kernel == "dequant":
-        y = dequant.dequant_matmul(x, qweight, qzeros, scales, group_size, bias, chunk_n=cfg.chunk_n)
+        y = dequant.dequant_matmul(x, qweight, qzeros, scales, group_size, bias)
         return Partials(y[None], None) if partials else y
     raise ValueError(f"unknown kernel {cfg.kernel!r}")
 
