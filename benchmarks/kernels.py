@@ -36,7 +36,14 @@ import triton  # noqa: E402
 
 from awqkit.formats import gemm as fmt  # noqa: E402
 from awqkit.kernels.common import set_pdl, sm_count  # noqa: E402
-from awqkit.kernels.dispatch import Config, gemv_config, pick_config, run_config  # noqa: E402
+from awqkit.kernels.dispatch import (  # noqa: E402
+    PLANES_WARPS_PER_SM,
+    Config,
+    gemv_config,
+    pick_config,
+    run_config,
+    wave_split,
+)
 from awqkit.kernels.gemv import k_slices  # noqa: E402
 from awqkit.nn import AWQLinear  # noqa: E402
 
@@ -171,6 +178,10 @@ CHECK_PATHS = [
     ("planes_w4", Config("gemm", block_m=16, block_n=512, block_k=128, split_k=1, num_warps=4, stages=4, dq=3)),
     ("planes_fold_w2", Config("gemm", block_m=32, block_n=256, block_k=64, split_k=3, num_warps=2, stages=3, dq=4)),
     ("planes_fold_w8", Config("gemm", block_m=64, block_n=512, block_k=64, split_k=2, num_warps=8, stages=3, dq=4)),
+    ("planes_tma", Config("gemm", block_m=16, block_n=256, block_k=128, split_k=3, num_warps=2, stages=3, dq=3,
+                          tma_stages=1)),  # fmt: skip
+    ("planes_fold_tma", Config("gemm", block_m=16, block_n=512, block_k=64, split_k=2, num_warps=4, stages=4, dq=4,
+                               tma_stages=1)),  # fmt: skip
 ]
 
 
@@ -335,14 +346,41 @@ def gemv_candidates(m: int, n: int, k: int, sms: int) -> list[tuple[str, Config]
     return out
 
 
+# shared memory per SM available to resident programs (H100/H200: 228 KB, 1 KB of it reserved per program)
+SMEM_PER_SM = 227 * 1024
+
+
+def planes_tma_candidates(m: int, n: int, k: int, sms: int) -> list[tuple[str, Config]]:
+    """The nibble-plane tensor-core kernel with its words tile staged by TMA: 16-row tiles, 32 or 64 column blocks
+    (2 or 4 warps), 64- or 128-row steps, 3-4 stages, per-step correction (dq=3) or folded (q - z) s (dq=4),
+    split along K to fill one wave of the programs that registers (~255 a thread) and shared memory let reside."""
+    out = []
+    if m > 16:
+        return out
+    for bn8, warps in ((32, 2), (64, 4)):
+        for bk in (64, 128):
+            for stages in (3, 4):
+                for dq in (3, 4):
+                    smem = stages * bk * bn8 * 4 + 2048
+                    resident = max(1, min(PLANES_WARPS_PER_SM // warps, SMEM_PER_SM // smem))
+                    tiles = triton.cdiv(n // 8, bn8) * triton.cdiv(m, 16)
+                    split = wave_split(tiles, k // bk, sms, resident)
+                    cfg = Config("gemm", block_m=16, block_n=8 * bn8, block_k=bk, split_k=split, num_warps=warps,
+                                 stages=stages, dq=dq, tma_stages=1)  # fmt: skip
+                    out.append((f"planes_tma dq{dq} bn8{bn8} w{warps} bk{bk} st{stages} res{resident} split{split}",
+                                cfg))  # fmt: skip
+    return out
+
+
 def sweep_jobs(shapes, sms: int, ms=SWEEP_MS) -> list[tuple]:
     """(name, K, N, M, Config, label): the shipped :func:`pick_config` ("base", timed three times spread over the
-    shape's jobs, whose spread is the noise) against the GEMV candidates."""
+    shape's jobs, whose spread is the noise) against the GEMV candidates (M <= 2) and the TMA-staged nibble-plane
+    kernel (M <= 16)."""
     jobs = []
     for name, k, n in shapes:
         for m in ms:
             base = pick_config(m, n, k, GROUP, sms)
-            cands = gemv_candidates(m, n, k, sms)
+            cands = (gemv_candidates(m, n, k, sms) if m <= 2 else []) + planes_tma_candidates(m, n, k, sms)
             third = max(1, len(cands) // 3)
             for i, (label, cfg) in enumerate(cands):
                 if i % third == 0:
@@ -516,6 +554,7 @@ def main() -> int:
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--extra-shapes", action="store_true", help="also benchmark shapes the rules were not tuned on")
     ap.add_argument("--ms", default=",".join(map(str, MS)))
+    ap.add_argument("--sweep-ms", default=",".join(map(str, SWEEP_MS)), help="M values the sweep times")
     ap.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1))
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -532,7 +571,7 @@ def main() -> int:
     sms = sm_count(torch.device(DEV))
     ms = [int(v) for v in args.ms.split(",")]
     shapes = SHAPES + (EXTRA_SHAPES if args.extra_shapes else [])
-    jobs = sweep_jobs(shapes, sms) if args.sweep else []
+    jobs = sweep_jobs(shapes, sms, [int(v) for v in args.sweep_ms.split(",")]) if args.sweep else []
     # compile everything the run will time in parallel processes first (Triton's disk cache is shared), and run
     # the correctness checks there too: compilation, not the GPU, is the long part of a fresh machine's run
     configs = [(j[4], j[3], j[1], j[2]) for j in jobs]

@@ -105,6 +105,19 @@ PATHS = {
         136,
     ),
     "planes_fold": (Config("gemm", block_m=64, block_n=512, block_k=32, split_k=1, num_warps=8, dq=4), 7, 128, 40),
+    # the words tile through TMA (N % 32 == 0)
+    "planes_corr_tma": (
+        Config("gemm", block_m=16, block_n=256, block_k=64, split_k=2, num_warps=2, stages=3, dq=3, tma_stages=1),
+        3,
+        256,
+        224,
+    ),
+    "planes_fold_tma": (
+        Config("gemm", block_m=32, block_n=128, block_k=32, split_k=1, num_warps=1, stages=2, dq=4, tma_stages=1),
+        19,
+        128,
+        160,
+    ),
 }
 
 

@@ -49,7 +49,8 @@ class Config:
     specialize_n: bool = True  # GEMV: the row length compiled in (False: read at run time, for A/B sweeps)
     lookahead: int = 0  # GEMV: steps ahead whose weight rows are prefetched into L2 (0: none)
     lanes: int = 1  # GEMV: rows per step spread over the lanes (1: the row kernel; >1: the lane-split kernel)
-    tma_stages: int = 0  # GEMV: >0 runs the TMA kernel, ``lanes`` rows a step, this many shared-memory stages
+    tma_stages: int = 0  # GEMV: >0 runs the TMA kernel, ``lanes`` rows a step, this many shared-memory stages;
+    # nibble-plane kernel: >0 stages the words through TMA (``stages`` stages)
 
 
 def _split_for(tiles: int, k_steps: int, sms: int, programs_per_sm: int) -> int:
@@ -194,7 +195,8 @@ def run_config(
         return gemm.gemm_planes(
             x, qweight, qzeros, scales, group_size, bias,
             block_m=cfg.block_m, block_n=cfg.block_n, block_k=min(cfg.block_k, group_size), split_k=cfg.split_k,
-            num_warps=cfg.num_warps, stages=cfg.stages, fold=cfg.dq == 4, maxnreg=cfg.maxnreg, partials=partials,
+            num_warps=cfg.num_warps, stages=cfg.stages, fold=cfg.dq == 4, maxnreg=cfg.maxnreg, tma=cfg.tma_stages > 0,
+            partials=partials,
         )  # fmt: skip
     if cfg.kernel == "gemm":
         block_k = cfg.block_k

@@ -334,11 +334,11 @@ def _plane(acc, w, xt, sx, zw, s_ptr, g, offs_j, mask_j, N, C: tl.constexpr, BAS
 
 @triton.jit(do_not_specialize=["M", "stride_os"])
 def _gemm_planes_kernel(
-    x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, bias_ptr,
+    x_ptr, qw_ptr, w_desc, qz_ptr, s_ptr, out_ptr, bias_ptr,
     M, N, N8, K, k_split, stride_xm, stride_os, stride_om,
     G: tl.constexpr, BM: tl.constexpr, BN8: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
     TO_WORKSPACE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, ASM: tl.constexpr, FOLD: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
     """Tensor-core W4A16 for small and medium M as eight nibble-plane products (``(W^T x^T)^T`` per plane).
 
@@ -346,7 +346,8 @@ def _gemm_planes_kernel(
     rows (inside one group) it loads the ``[BK, BN8]`` words once and runs eight ``[BN8, BK] @ [BK, BM]`` dots, one
     per nibble position, whose A operand is built in registers (1–1.5 instructions per weight, no layout
     conversion of the unpacked tile). Scale and zero are applied per step and output element (fp32), so the MMA
-    sees the exact integers ``BASE + q``.
+    sees the exact integers ``BASE + q``. With ``TMA`` the words tile is copied into shared memory by the tensor
+    memory accelerator (``w_desc``, ``[BK, BN8]`` boxes, ``STAGES - 1`` steps ahead) instead of by cp.async.
     """
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -372,7 +373,10 @@ def _gemm_planes_kernel(
     acc7 = tl.zeros([BN8, BM], dtype=tl.float32)
     pdl_sync(PDL)
     for k0 in tl.range(k_begin, k_end, BK, num_stages=STAGES):
-        w = tl.load(qw_ptr + (k0 + offs_k)[None, :] * N8 + offs_j[:, None], mask=mask_j[:, None], other=0)
+        if TMA:
+            w = tl.trans(w_desc.load([k0, pid_n * BN8]))
+        else:
+            w = tl.load(qw_ptr + (k0 + offs_k)[None, :] * N8 + offs_j[:, None], mask=mask_j[:, None], other=0)
         xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + (k0 + offs_k)[:, None], mask=mask_m[None, :], other=0.0)
         g = k0 // G
         zw = tl.load(qz_ptr + g * N8 + offs_j, mask=mask_j, other=0)
@@ -421,12 +425,14 @@ def gemm_planes(
     stages: int = 2,
     fold: bool = False,
     maxnreg: int = 0,
+    tma: bool = False,
     partials: bool = False,
 ) -> torch.Tensor | Partials:
     """``x [M, K] @ W (+ bias)`` with the nibble-plane tensor-core kernel (``block_n`` = 8 x column blocks).
 
     ``block_k`` is capped at the group size (a step must lie inside one group). ``maxnreg`` caps the registers per
-    thread (more resident warps per SM at the price of some spills; 0 = the compiler's choice, ~255)."""
+    thread (more resident warps per SM at the price of some spills; 0 = the compiler's choice, ~255). ``tma``
+    stages the words through the tensor memory accelerator (needs ``N % 32 == 0``: 16-byte rows)."""
     m, k = x.shape
     n = scales.shape[1]
     block_k = min(block_k, group_size)
@@ -439,12 +445,19 @@ def gemm_planes(
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     dest = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
     grid = (triton.cdiv(n // 8, bn8) * triton.cdiv(m, block_m), split_k)
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        assert n % 32 == 0, "TMA needs 16-byte weight rows (N a multiple of 32)"
+        w_desc = TensorDescriptor.from_tensor(qweight, [block_k, bn8])
+    else:
+        w_desc = qweight
     _gemm_planes_kernel[grid](
-        x, qweight, qzeros, scales, dest, bias if bias is not None else out,
+        x, qweight, w_desc, qzeros, scales, dest, bias if bias is not None else out,
         m, n, n // 8, k, k_split, x.stride(0), m * n, n,
         G=group_size, BM=block_m, BN8=bn8, BK=block_k, STAGES=stages,
         TO_WORKSPACE=split_k > 1, HAS_BIAS=bias is not None, DOT_F32=interpreting(), ASM=not interpreting(),
-        FOLD=fold, num_warps=num_warps, **({"maxnreg": maxnreg} if maxnreg and not interpreting() else {}),
+        FOLD=fold, TMA=tma, num_warps=num_warps, **({"maxnreg": maxnreg} if maxnreg and not interpreting() else {}),
         **pdl_launch(x.device),
     )  # fmt: skip
     return finish_split_k(dest, out, bias, partials)
