@@ -162,10 +162,10 @@ CHECK_PATHS = [
     ("gemv_lookahead", Config("gemv", block_n=256, num_warps=1, rows=8, split_k=7, lookahead=2)),
     ("gemv_lanes4", Config("gemv", block_n=256, num_warps=1, split_k=12, lanes=4, lookahead=2)),
     ("gemv_lanes8_chunks", Config("gemv", block_n=128, num_warps=1, split_k=2, lanes=8)),
-    ("gemv_tma", Config("gemv", block_n=256, num_warps=1, rows=1, split_k=40, lanes=8, tma_stages=4)),
-    ("gemv_tma_chunks", Config("gemv", block_n=256, num_warps=2, rows=1, split_k=3, lanes=16, tma_stages=3)),
-    ("gemv_tma_rows", Config("gemv", block_n=1024, num_warps=1, rows=1, split_k=8, lanes=8, tma_stages=4)),
-    ("gemv_tma_rows_chunks", Config("gemv", block_n=2048, num_warps=2, rows=1, split_k=2, lanes=8, tma_stages=3)),
+    ("gemv_tma", Config("gemv", block_n=256, num_warps=1, rows=1, split_k=40, lanes=8, tma=True, stages=4)),
+    ("gemv_tma_chunks", Config("gemv", block_n=256, num_warps=2, rows=1, split_k=3, lanes=16, tma=True, stages=3)),
+    ("gemv_tma_rows", Config("gemv", block_n=1024, num_warps=1, rows=1, split_k=8, lanes=8, tma=True, stages=4)),
+    ("gemv_tma_rows_chunks", Config("gemv", block_n=2048, num_warps=2, rows=1, split_k=2, lanes=8, tma=True, stages=3)),
     ("gemm_splitk", Config("gemm", block_m=16, block_n=256, split_k=3, num_warps=4)),
     ("gemm_splitk_noswap", Config("gemm", block_m=16, block_n=128, split_k=2, swap=False)),
     ("gemm_m64", Config("gemm", block_m=64, block_n=128, num_warps=8)),
@@ -179,9 +179,9 @@ CHECK_PATHS = [
     ("planes_fold_w2", Config("gemm", block_m=32, block_n=256, block_k=64, split_k=3, num_warps=2, stages=3, dq=4)),
     ("planes_fold_w8", Config("gemm", block_m=64, block_n=512, block_k=64, split_k=2, num_warps=8, stages=3, dq=4)),
     ("planes_tma", Config("gemm", block_m=16, block_n=256, block_k=128, split_k=3, num_warps=2, stages=3, dq=3,
-                          tma_stages=1)),  # fmt: skip
+                          tma=True)),  # fmt: skip
     ("planes_fold_tma", Config("gemm", block_m=16, block_n=512, block_k=64, split_k=2, num_warps=4, stages=4, dq=4,
-                               tma_stages=1)),  # fmt: skip
+                               tma=True)),  # fmt: skip
 ]
 
 
@@ -208,7 +208,7 @@ def _check_worker(task) -> list[dict]:
         for name, cfg in CHECK_PATHS:
             if cfg.kernel == "gemv" and m > (4 if cfg.lanes == 1 else 2):
                 continue
-            if cfg.tma_stages and n % 32:  # TMA needs 16-byte rows; the dispatcher never picks it there
+            if cfg.tma and n % 32:  # TMA needs 16-byte rows; the dispatcher never picks it there
                 continue
             poison()
             err = rel_err(run_config(cfg, x, qw, qz, sc, g, bias), ref)
@@ -355,20 +355,20 @@ def planes_tma_candidates(m: int, n: int, k: int, sms: int) -> list[tuple[str, C
     (2 or 4 warps), 64- or 128-row steps, 3-4 stages, per-step correction (dq=3) or folded (q - z) s (dq=4),
     split along K to fill one wave of the programs that registers (~255 a thread) and shared memory let reside."""
     out = []
-    if m > 16:
-        return out
-    for bn8, warps in ((32, 2), (64, 4)):
-        for bk in (64, 128):
-            for stages in (3, 4):
-                for dq in (3, 4):
-                    smem = stages * bk * bn8 * 4 + 2048
-                    resident = max(1, min(PLANES_WARPS_PER_SM // warps, SMEM_PER_SM // smem))
-                    tiles = triton.cdiv(n // 8, bn8) * triton.cdiv(m, 16)
-                    split = wave_split(tiles, k // bk, sms, resident)
-                    cfg = Config("gemm", block_m=16, block_n=8 * bn8, block_k=bk, split_k=split, num_warps=warps,
-                                 stages=stages, dq=dq, tma_stages=1)  # fmt: skip
-                    out.append((f"planes_tma dq{dq} bn8{bn8} w{warps} bk{bk} st{stages} res{resident} split{split}",
-                                cfg))  # fmt: skip
+    if m <= 16:
+        shapes = [(16, bn8, warps, bk, stages, dq) for bn8, warps in ((32, 2), (64, 4)) for bk in (64, 128)
+                  for stages in (3, 4) for dq in (3, 4)]  # fmt: skip
+    else:  # larger row tiles: folded (q - z) s only (the per-step correction grows with the row tile)
+        shapes = [(bm, bn8, warps, 64, stages, 4) for bm in (32, 64) if bm <= m
+                  for bn8, warps in ((32, 2), (32, 4), (64, 4), (64, 8)) for stages in (3, 4)]  # fmt: skip
+    for bm, bn8, warps, bk, stages, dq in shapes:
+        smem = stages * (bk * bn8 * 4 + bm * bk * 2) + 2048
+        resident = max(1, min(PLANES_WARPS_PER_SM // warps, SMEM_PER_SM // smem))
+        tiles = triton.cdiv(n // 8, bn8) * triton.cdiv(m, bm)
+        split = wave_split(tiles, k // bk, sms, resident)
+        cfg = Config("gemm", block_m=bm, block_n=8 * bn8, block_k=bk, split_k=split, num_warps=warps, stages=stages,
+                     dq=dq, tma=True)  # fmt: skip
+        out.append((f"planes_tma dq{dq} bm{bm} bn8{bn8} w{warps} bk{bk} st{stages} res{resident} split{split}", cfg))
     return out
 
 

@@ -80,11 +80,11 @@ PATHS = {
     "gemv_lanes_chunks": (Config("gemv", block_n=128, num_warps=1, split_k=1, lanes=8), 2, 256, 136),
     "gemv_lanes_even_n": (Config("gemv", block_n=256, num_warps=1, split_k=4, lanes=4), 1, 256, 512),
     # TMA GEMV: one [lanes, block_n / 8] tile a step through shared memory (N % 32 == 0: 16-byte row stride)
-    "gemv_tma": (Config("gemv", block_n=256, num_warps=1, split_k=2, lanes=8, tma_stages=3), 1, 256, 224),
-    "gemv_tma_chunks": (Config("gemv", block_n=128, num_warps=1, split_k=1, lanes=16, tma_stages=4), 2, 256, 160),
-    "gemv_tma_even_n": (Config("gemv", block_n=256, num_warps=1, split_k=4, lanes=8, tma_stages=2), 1, 256, 512),
+    "gemv_tma": (Config("gemv", block_n=256, num_warps=1, split_k=2, lanes=8, tma=True, stages=3), 1, 256, 224),
+    "gemv_tma_chunks": (Config("gemv", block_n=128, num_warps=1, split_k=1, lanes=16, tma=True, stages=4), 2, 256, 160),
+    "gemv_tma_even_n": (Config("gemv", block_n=256, num_warps=1, split_k=4, lanes=8, tma=True, stages=2), 1, 256, 512),
     # 128 words a warp: every lane four words of every row, rows summed inside the thread each step
-    "gemv_tma_reduce_rows": (Config("gemv", block_n=1024, num_warps=1, split_k=1, lanes=8, tma_stages=3), 2, 256, 1120),
+    "gemv_tma_reduce_rows": (Config("gemv", block_n=1024, num_warps=1, split_k=1, lanes=8, tma=True, stages=3), 2, 256, 1120),
     "gemm_one_plus_swap": (Config("gemm", block_m=16, block_n=64, split_k=2), 5, 128, 136),
     "gemm_one_plus": (Config("gemm", block_m=16, block_n=64, split_k=1, swap=False), 17, 128, 72),
     "gemm_dq0": (Config("gemm", block_m=16, block_n=64, block_k=32, split_k=2, swap=False, dq=0), 7, 128, 136),
@@ -107,13 +107,13 @@ PATHS = {
     "planes_fold": (Config("gemm", block_m=64, block_n=512, block_k=32, split_k=1, num_warps=8, dq=4), 7, 128, 40),
     # the words tile through TMA (N % 32 == 0)
     "planes_corr_tma": (
-        Config("gemm", block_m=16, block_n=256, block_k=64, split_k=2, num_warps=2, stages=3, dq=3, tma_stages=1),
+        Config("gemm", block_m=16, block_n=256, block_k=64, split_k=2, num_warps=2, stages=3, dq=3, tma=True),
         3,
         256,
         224,
     ),
     "planes_fold_tma": (
-        Config("gemm", block_m=32, block_n=128, block_k=32, split_k=1, num_warps=1, stages=2, dq=4, tma_stages=1),
+        Config("gemm", block_m=32, block_n=128, block_k=32, split_k=1, num_warps=1, stages=2, dq=4, tma=True),
         19,
         128,
         160,
@@ -224,9 +224,20 @@ def test_dispatch_end_to_end_small():
 
 @pytest.mark.parametrize("m", [1, 2])
 def test_dispatch_wide_layer_gemvs(m):
-    """M = 1 and 2 on a wide layer (N >= 16384, an odd multiple of 8): the row GEMV with its L2 look-ahead, and the
-    lane-split GEMV, as the dispatcher picks them, against the float reference."""
+    """M = 1 and 2 on a wide layer (N >= 16384, an odd multiple of 8, so no TMA): the row GEMV with its L2
+    look-ahead, and the lane-split GEMV, as the dispatcher picks them, against the float reference."""
     k, n, g = 32, 16392, 32
     cfg = pick_config(m, n, k, g, 132)
     assert cfg.kernel == "gemv" and (cfg.lanes, cfg.lookahead) == ((1, 1) if m == 1 else (4, 2))
     _check(cfg, m, k, n, g, torch.bfloat16, bias=True, seed=11)
+
+
+@pytest.mark.parametrize("m", [2, 5, 16])
+def test_dispatch_small_m_tma(m):
+    """2 <= M <= 16 with N a multiple of 32: the folded nibble-plane kernel with its words staged by TMA, as the
+    dispatcher picks it (split along K), against the float reference, fp16 and bf16."""
+    k, n, g = 1024, 224, 64
+    cfg = pick_config(m, n, k, g, 132)
+    assert (cfg.kernel, cfg.dq, cfg.tma, cfg.block_m) == ("gemm", 4, True, 16) and cfg.split_k > 1
+    for dtype in (torch.float16, torch.bfloat16):
+        _check(cfg, m, k, n, g, dtype, bias=True, seed=12)

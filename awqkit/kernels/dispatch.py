@@ -49,8 +49,8 @@ class Config:
     specialize_n: bool = True  # GEMV: the row length compiled in (False: read at run time, for A/B sweeps)
     lookahead: int = 0  # GEMV: steps ahead whose weight rows are prefetched into L2 (0: none)
     lanes: int = 1  # GEMV: rows per step spread over the lanes (1: the row kernel; >1: the lane-split kernel)
-    tma_stages: int = 0  # GEMV: >0 runs the TMA kernel, ``lanes`` rows a step, this many shared-memory stages;
-    # nibble-plane kernel: >0 stages the words through TMA (``stages`` stages)
+    tma: bool = False  # the weight words copied into shared memory by TMA, ``stages`` deep (N % 32 == 0): the
+    # nibble-plane kernel's words tile, or the TMA GEMV (``lanes`` rows a step)
 
 
 def _split_for(tiles: int, k_steps: int, sms: int, programs_per_sm: int) -> int:
@@ -95,6 +95,7 @@ def planes_config(
     stages: int = 3,
     block_k: int = 64,
     maxnreg: int = 0,
+    tma: bool = False,
 ) -> Config:
     """A nibble-plane launch (:func:`gemm.gemm_planes`), split along K by :func:`wave_split` (one wave of
     ``PLANES_WARPS_PER_SM // warps`` programs per SM); ``pps > 0`` instead asks for ~``pps`` programs per SM with
@@ -111,7 +112,7 @@ def planes_config(
         resident = max(1, PLANES_WARPS_PER_SM // warps) if not maxnreg else max(1, 65536 // (maxnreg * 32 * warps))
         split = wave_split(tiles, steps, sms, resident)
     return Config("gemm", block_m=block_m, block_n=8 * bn8, block_k=block_k, split_k=split, num_warps=warps,
-                  stages=stages, dq=4 if fold else 3, maxnreg=maxnreg)  # fmt: skip
+                  stages=stages, dq=4 if fold else 3, maxnreg=maxnreg, tma=tma)  # fmt: skip
 
 
 def gemv_config(
@@ -126,20 +127,22 @@ def gemv_config(
     if group_size:
         split = max(split, k // group_size)
     return Config("gemv", block_n=block_n, split_k=split, num_warps=warps, rows=rows, lanes=lanes, lookahead=lookahead,
-                  tma_stages=tma_stages)  # fmt: skip
+                  tma=tma_stages > 0, stages=max(1, tma_stages))  # fmt: skip
 
 
 @functools.lru_cache(maxsize=4096)
 def pick_config(m: int, n: int, k: int, group_size: int, sms: int) -> Config:
     """The configuration for ``[m, k] @ [k, n]`` at ``group_size`` on a GPU with ``sms`` multiprocessors.
 
-    Rules (H100 sweeps, docs/kernels-notes.md, runs 7-10; M <= 2: the H200 sweeps of session 7):
+    Rules (H100 sweeps, docs/kernels-notes.md, runs 7-10; M <= 16: the H200 sweeps of sessions 7 and 9):
 
     * M = 1: the CUDA-core split-K row GEMV (~32 one-warp programs per SM of independent row streams, split along
-      K down to parts of a group, rows prefetched into L2 a step ahead); M = 2 on wide layers: the lane-split GEMV.
-    * M <= 16: nibble-plane tensor-core kernel with the per-step fp32 scale/zero correction, one 16-row tile,
-      256 columns and 2 warps per program (4 resident per SM), split along K to fill one wave of resident programs
-      with >= 4 K steps each (:func:`wave_split`).
+      K down to parts of a group, rows prefetched into L2 a step ahead).
+    * M <= 16 (N a multiple of 32): the nibble-plane tensor-core kernel with ``(q - z) s`` folded into the operand
+      and its words tile copied by TMA, one 16-row tile, 256 columns and 2 warps per program (4 resident per SM),
+      split along K to fill one wave of resident programs with >= 4 K steps each (:func:`wave_split`). Other N
+      (no 16-byte rows for TMA): M = 2 on wide layers the lane-split GEMV, else the same plane tile with cp.async
+      and the per-step fp32 scale/zero correction.
     * M <= 32: the same kernel with ``(q - z) s`` folded into the operand (the correction's cost grows with the
       row tile), 32-row tiles.
     * M <= 64: wide layers keep v3's cp.async ``(q - z) s`` kernel (64x64 tiles); narrow ones use the folded
@@ -152,6 +155,12 @@ def pick_config(m: int, n: int, k: int, group_size: int, sms: int) -> Config:
         # one-warp programs per SM, each step's rows prefetched into L2 one step ahead: session 7's H200 sweep, 8
         # shapes (Qwen2-7B and held-out Llama-3-8B), 6-10 % faster than without the look-ahead on every one
         return gemv_config(m, n, k, sms, block_n=256, warps=1, rows=8, pps=32, lookahead=1)
+    if m <= 16 and n % 32 == 0:
+        # nibble-plane kernel, (q - z) s folded into the operand, its words tile staged by TMA three stages deep,
+        # 16-row tiles of 256 columns on 2 warps, one-wave split: session 9's H200 sweep, 8 shapes (Qwen2-7B and
+        # held-out Llama-3-8B) x M = 2, 4, 8, 16: 1.09-1.36x the rules below on every one, within 5 % of the best
+        # of 32 TMA configurations
+        return planes_config(m, n, k, group_size, sms, fold=True, block_m=16, bn8=32, warps=2, stages=3, tma=True)
     if m == 2 and wide:
         # lane-split GEMV (4 rows per step over the lanes, 16-byte loads), ~8 programs per SM, L2 look-ahead of
         # two steps: same sweep, gate_up 40.9 vs 47.7 us (Llama-3-8B 40.3 vs 42.5) for the 1024-column row kernel
@@ -189,13 +198,13 @@ def run_config(
             x, qweight, qzeros, scales, group_size, bias,
             block_n=cfg.block_n, rows=cfg.rows, split_k=cfg.split_k, num_warps=cfg.num_warps,
             specialize_n=cfg.specialize_n, lanes=cfg.lanes, lookahead=cfg.lookahead,
-            tma_stages=cfg.tma_stages, partials=partials,
+            tma_stages=cfg.stages if cfg.tma else 0, partials=partials,
         )  # fmt: skip
     if cfg.kernel == "gemm" and cfg.dq >= 3:
         return gemm.gemm_planes(
             x, qweight, qzeros, scales, group_size, bias,
             block_m=cfg.block_m, block_n=cfg.block_n, block_k=min(cfg.block_k, group_size), split_k=cfg.split_k,
-            num_warps=cfg.num_warps, stages=cfg.stages, fold=cfg.dq == 4, maxnreg=cfg.maxnreg, tma=cfg.tma_stages > 0,
+            num_warps=cfg.num_warps, stages=cfg.stages, fold=cfg.dq == 4, maxnreg=cfg.maxnreg, tma=cfg.tma,
             partials=partials,
         )  # fmt: skip
     if cfg.kernel == "gemm":
