@@ -38,9 +38,11 @@ from awqkit.formats import gemm as fmt  # noqa: E402
 from awqkit.kernels.common import set_pdl, sm_count  # noqa: E402
 from awqkit.kernels.dispatch import (  # noqa: E402
     PLANES_WARPS_PER_SM,
+    WIDE_N,
     Config,
     gemv_config,
     pick_config,
+    planes_config,
     run_config,
     wave_split,
 )
@@ -51,6 +53,12 @@ SHAPES = [("qkv", 3584, 4608), ("o", 3584, 3584), ("gate_up", 3584, 37888), ("do
 EXTRA_SHAPES = [  # generality check, not tuned on (Llama-3-8B)
     ("llama8b_qkv", 4096, 6144), ("llama8b_o", 4096, 4096),
     ("llama8b_gate_up", 4096, 28672), ("llama8b_down", 14336, 4096),
+]  # fmt: skip
+HELDOUT_SHAPES = [  # never swept before a rule shipped (Qwen2.5-14B and Qwen2.5-1.5B): checks of a new rule
+    ("qwen14b_qkv", 5120, 7168), ("qwen14b_o", 5120, 5120),
+    ("qwen14b_gate_up", 5120, 27648), ("qwen14b_down", 13824, 5120),
+    ("qwen1.5b_qkv", 1536, 2048), ("qwen1.5b_o", 1536, 1536),
+    ("qwen1.5b_gate_up", 1536, 17920), ("qwen1.5b_down", 8960, 1536),
 ]  # fmt: skip
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
 GROUP = 128
@@ -372,6 +380,18 @@ def planes_tma_candidates(m: int, n: int, k: int, sms: int) -> list[tuple[str, C
     return out
 
 
+def session8_rule(m: int, n: int, k: int, sms: int) -> list[tuple[str, Config]]:
+    """What :func:`pick_config` chose for 2 <= M <= 16 before the TMA-staged plane kernel (session 9), as a
+    candidate: the A/B of the rule change on any shape."""
+    if not 2 <= m <= 16:
+        return []
+    if m == 2 and n >= WIDE_N:
+        cfg = gemv_config(m, n, k, sms, block_n=256, warps=1, rows=4, pps=8, lanes=4, lookahead=2)
+    else:
+        cfg = planes_config(m, n, k, GROUP, sms, fold=False, block_m=16, bn8=32, warps=2, stages=2)
+    return [("session8 rule", cfg)]
+
+
 def sweep_jobs(shapes, sms: int, ms=SWEEP_MS) -> list[tuple]:
     """(name, K, N, M, Config, label): the shipped :func:`pick_config` ("base", timed three times spread over the
     shape's jobs, whose spread is the noise) against the GEMV candidates (M <= 2) and the TMA-staged nibble-plane
@@ -381,6 +401,7 @@ def sweep_jobs(shapes, sms: int, ms=SWEEP_MS) -> list[tuple]:
         for m in ms:
             base = pick_config(m, n, k, GROUP, sms)
             cands = (gemv_candidates(m, n, k, sms) if m <= 2 else []) + planes_tma_candidates(m, n, k, sms)
+            cands += session8_rule(m, n, k, sms)
             third = max(1, len(cands) // 3)
             for i, (label, cfg) in enumerate(cands):
                 if i % third == 0:
@@ -553,6 +574,7 @@ def main() -> int:
     ap.add_argument("--sweep-seconds", type=float, default=240)
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--extra-shapes", action="store_true", help="also benchmark shapes the rules were not tuned on")
+    ap.add_argument("--heldout-only", action="store_true", help="only the held-out shapes (Qwen2.5-14B, -1.5B)")
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--sweep-ms", default=",".join(map(str, SWEEP_MS)), help="M values the sweep times")
     ap.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1))
@@ -570,7 +592,7 @@ def main() -> int:
     log(f"int4 schema: {torch.ops.aten._convert_weight_to_int4pack.default._schema}")
     sms = sm_count(torch.device(DEV))
     ms = [int(v) for v in args.ms.split(",")]
-    shapes = SHAPES + (EXTRA_SHAPES if args.extra_shapes else [])
+    shapes = HELDOUT_SHAPES if args.heldout_only else SHAPES + (EXTRA_SHAPES if args.extra_shapes else [])
     jobs = sweep_jobs(shapes, sms, [int(v) for v in args.sweep_ms.split(",")]) if args.sweep else []
     # compile everything the run will time in parallel processes first (Triton's disk cache is shared), and run
     # the correctness checks there too: compilation, not the GPU, is the long part of a fresh machine's run
@@ -598,14 +620,16 @@ def main() -> int:
         for r in bad:
             log(f"  FAIL benchmark output {r['name']} M={r['M']} rel err {r['awqkit_rel_err']:.2e} {r['config']}")
         ok &= not bad
-        summary = summarize(rows, SHAPES, log)
+        summary = summarize(rows, HELDOUT_SHAPES[:4] if args.heldout_only else SHAPES, log)
+        if args.heldout_only:
+            summarize(rows, HELDOUT_SHAPES[4:], log)
         if args.extra_shapes:
             summarize(rows, EXTRA_SHAPES, log)
         doc = dict(**meta, rows=rows, group_size=GROUP, copy_GBps=round(copy_gbps, 1), correctness_ok=ok,
                    summary={str(k): v for k, v in summary.items()})  # fmt: skip
         with open(os.path.join(args.out, "kernels.json"), "w") as f:
             json.dump(doc, f, indent=1)
-        plot(rows, SHAPES, os.path.join(args.out, "kernels_speedup.png"))
+        plot(rows, HELDOUT_SHAPES if args.heldout_only else SHAPES, os.path.join(args.out, "kernels_speedup.png"))
     if args.sweep:  # after the benchmark (a deadline never cuts it): tuning data for the next version
         sw = sweep(jobs, log, time.time() + args.sweep_seconds)
         with open(os.path.join(args.out, "kernels_sweep.json"), "w") as f:
