@@ -229,11 +229,10 @@ def silu_mul(gate_up: Partials, dtype: torch.dtype) -> torch.Tensor:
     if N == 0:
         return out
     # as kernels.gemv.reduce_splits: every split in one round of loads where possible (two [SB, BLOCK] tiles of
-    # <= 4096 floats each), narrower programs while a row has fewer than ~2 per SM; the tile never depends on the
-    # batch (N), so a row's sums are added in the same order, bit for bit, in any batch
+    # <= 4096 floats each), narrower programs while a call has fewer than ~2 per SM (batch 1 included)
     sb = _splits_per_step(S, 64)
     block = max(16, min(1024, 4096 // sb, triton.next_power_of_2(n_cols)))
-    while block > 16 and triton.cdiv(n_cols, block) < 256:
+    while block > 16 and triton.cdiv(n_cols, block) * N < 256:
         block //= 2
     bias = gate_up.bias
     _silu_mul_kernel[(N, triton.cdiv(n_cols, block))](
