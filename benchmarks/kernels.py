@@ -170,10 +170,6 @@ CHECK_PATHS = [
     ("gemv_lookahead", Config("gemv", block_n=256, num_warps=1, rows=8, split_k=7, lookahead=2)),
     ("gemv_lanes4", Config("gemv", block_n=256, num_warps=1, split_k=12, lanes=4, lookahead=2)),
     ("gemv_lanes8_chunks", Config("gemv", block_n=128, num_warps=1, split_k=2, lanes=8)),
-    ("gemv_tma", Config("gemv", block_n=256, num_warps=1, rows=1, split_k=40, lanes=8, tma=True, stages=4)),
-    ("gemv_tma_chunks", Config("gemv", block_n=256, num_warps=2, rows=1, split_k=3, lanes=16, tma=True, stages=3)),
-    ("gemv_tma_rows", Config("gemv", block_n=1024, num_warps=1, rows=1, split_k=8, lanes=8, tma=True, stages=4)),
-    ("gemv_tma_rows_chunks", Config("gemv", block_n=2048, num_warps=2, rows=1, split_k=2, lanes=8, tma=True, stages=3)),
     ("gemm_splitk", Config("gemm", block_m=16, block_n=256, split_k=3, num_warps=4)),
     ("gemm_splitk_noswap", Config("gemm", block_m=16, block_n=128, split_k=2, swap=False)),
     ("gemm_m64", Config("gemm", block_m=64, block_n=128, num_warps=8)),
@@ -339,18 +335,20 @@ SWEEP_MS = (1, 2)  # most important first: a deadline cuts the tail
 
 
 def gemv_candidates(m: int, n: int, k: int, sms: int) -> list[tuple[str, Config]]:
-    """GEMV configurations to time against the shipped rule: the TMA GEMV (word tiles copied into shared memory
-    ahead of the math) with ``[lanes, block_n / 8]`` tiles, 2-5 stages, at 6-24 resident warps per SM; slices of at
-    most one group ("oc": one scale/zero chunk, fewer registers) or as the program count asks."""
+    """GEMV configurations to time against the shipped rule: at M = 1 the row kernel with one or two words per
+    thread (256 or 512 columns per one-warp program), with and without its rows prefetched into L2 a step ahead, at
+    ~16-32 programs per SM; the lane-split kernel (4 or 8 rows per step over the lanes) at ~8-16 programs per SM."""
     out = []
-    for lanes, block_n, warps in ((8, 256, 1), (16, 256, 2), (8, 1024, 1), (8, 2048, 2)):
-        for stages in (3, 5):
-            for wps in ((12, 16, 24) if block_n == 256 else (6, 8, 12)):
-                for oc in ((True,) if block_n == 256 else (True, False)):
-                    cfg = gemv_config(m, n, k, sms, block_n=block_n, warps=warps, rows=1, pps=wps // warps,
-                                      lanes=lanes, tma_stages=stages, group_size=GROUP if oc else 0)  # fmt: skip
-                    out.append((f"tma kl{lanes} bn{block_n} w{warps} st{stages} wps{wps}{' oc' if oc else ''} "
-                                f"split{cfg.split_k}", cfg))  # fmt: skip
+    if m == 1:
+        for block_n in (256, 512):
+            for pps in (16, 24, 32):
+                for la in (0, 1):
+                    cfg = gemv_config(m, n, k, sms, block_n=block_n, warps=1, rows=8, pps=pps, lookahead=la)
+                    out.append((f"row bn{block_n} pps{pps} la{la} split{cfg.split_k}", cfg))
+    for lanes, block_n in ((4, 256), (8, 128)):
+        for pps in (8, 16):
+            cfg = gemv_config(m, n, k, sms, block_n=block_n, warps=1, rows=4, pps=pps, lanes=lanes, lookahead=2)
+            out.append((f"lanes{lanes} bn{block_n} pps{pps} la2 split{cfg.split_k}", cfg))
     return out
 
 

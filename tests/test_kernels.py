@@ -79,17 +79,6 @@ PATHS = {
     "gemv_lanes": (Config("gemv", block_n=256, num_warps=1, split_k=2, lanes=4, lookahead=2), 1, 256, 200),
     "gemv_lanes_chunks": (Config("gemv", block_n=128, num_warps=1, split_k=1, lanes=8), 2, 256, 136),
     "gemv_lanes_even_n": (Config("gemv", block_n=256, num_warps=1, split_k=4, lanes=4), 1, 256, 512),
-    # TMA GEMV: one [lanes, block_n / 8] tile a step through shared memory (N % 32 == 0: 16-byte row stride)
-    "gemv_tma": (Config("gemv", block_n=256, num_warps=1, split_k=2, lanes=8, tma=True, stages=3), 1, 256, 224),
-    "gemv_tma_chunks": (Config("gemv", block_n=128, num_warps=1, split_k=1, lanes=16, tma=True, stages=4), 2, 256, 160),
-    "gemv_tma_even_n": (Config("gemv", block_n=256, num_warps=1, split_k=4, lanes=8, tma=True, stages=2), 1, 256, 512),
-    # 128 words a warp: every lane four words of every row, rows summed inside the thread each step
-    "gemv_tma_reduce_rows": (
-        Config("gemv", block_n=1024, num_warps=1, split_k=1, lanes=8, tma=True, stages=3),
-        2,
-        256,
-        1120,
-    ),
     "gemm_one_plus_swap": (Config("gemm", block_m=16, block_n=64, split_k=2), 5, 128, 136),
     "gemm_one_plus": (Config("gemm", block_m=16, block_n=64, split_k=1, swap=False), 17, 128, 72),
     "gemm_dq0": (Config("gemm", block_m=16, block_n=64, block_k=32, split_k=2, swap=False, dq=0), 7, 128, 136),

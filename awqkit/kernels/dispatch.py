@@ -49,8 +49,8 @@ class Config:
     specialize_n: bool = True  # GEMV: the row length compiled in (False: read at run time, for A/B sweeps)
     lookahead: int = 0  # GEMV: steps ahead whose weight rows are prefetched into L2 (0: none)
     lanes: int = 1  # GEMV: rows per step spread over the lanes (1: the row kernel; >1: the lane-split kernel)
-    tma: bool = False  # the weight words copied into shared memory by TMA, ``stages`` deep (N % 32 == 0): the
-    # nibble-plane kernel's words tile, or the TMA GEMV (``lanes`` rows a step)
+    tma: bool = False  # nibble-plane kernel: the words tile copied into shared memory by TMA, ``stages`` deep
+    # (needs N % 32 == 0: 16-byte rows)
 
 
 def _split_for(tiles: int, k_steps: int, sms: int, programs_per_sm: int) -> int:
@@ -117,17 +117,13 @@ def planes_config(
 
 def gemv_config(
     m: int, n: int, k: int, sms: int, *, block_n: int, warps: int, rows: int, pps: int, lanes: int = 1,
-    lookahead: int = 0, tma_stages: int = 0, group_size: int = 0,
+    lookahead: int = 0,
 ) -> Config:
     """A GEMV launch of ``block_n``-column programs, split along K for ~``pps`` programs per SM (at most one slice
-    per step of ``rows x lanes`` rows, and a workspace of at most a quarter of the weight's bytes); with
-    ``group_size`` the slices are at most one group (one scale/zero chunk per program)."""
+    per step of ``rows x lanes`` rows, and a workspace of at most a quarter of the weight's bytes)."""
     split = _split_for(triton.cdiv(n, block_n), max(1, k // (rows * lanes)), sms, pps)
     split = max(1, min(split, k // (32 * m)))
-    if group_size:
-        split = max(split, k // group_size)
-    return Config("gemv", block_n=block_n, split_k=split, num_warps=warps, rows=rows, lanes=lanes, lookahead=lookahead,
-                  tma=tma_stages > 0, stages=max(1, tma_stages))  # fmt: skip
+    return Config("gemv", block_n=block_n, split_k=split, num_warps=warps, rows=rows, lanes=lanes, lookahead=lookahead)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -197,8 +193,7 @@ def run_config(
         return gemv.gemv(
             x, qweight, qzeros, scales, group_size, bias,
             block_n=cfg.block_n, rows=cfg.rows, split_k=cfg.split_k, num_warps=cfg.num_warps,
-            specialize_n=cfg.specialize_n, lanes=cfg.lanes, lookahead=cfg.lookahead,
-            tma_stages=cfg.stages if cfg.tma else 0, partials=partials,
+            specialize_n=cfg.specialize_n, lanes=cfg.lanes, lookahead=cfg.lookahead, partials=partials,
         )  # fmt: skip
     if cfg.kernel == "gemm" and cfg.dq >= 3:
         return gemm.gemm_planes(

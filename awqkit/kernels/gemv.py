@@ -242,93 +242,6 @@ def _gemv_lanes_kernel(
                 BM, TO_WORKSPACE, HAS_BIAS)  # fmt: skip
 
 
-# M and the workspace stride vary per call: not specialised (see _gemv_kernel)
-@triton.jit(do_not_specialize=["M", "stride_os"])
-def _gemv_tma_kernel(
-    x_ptr, w_desc, qw_ptr, qz_ptr, s_ptr, out_ptr, bias_ptr,
-    M, N, N8, K, k_split, stride_xm, stride_os, stride_om,
-    BM: tl.constexpr, BN: tl.constexpr, KL: tl.constexpr, G: tl.constexpr, GCH: tl.constexpr,
-    TO_WORKSPACE: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr, EVEN_N: tl.constexpr,
-    PDL: tl.constexpr, PREFETCH: tl.constexpr, STAGES: tl.constexpr, REDUCE_ROWS: tl.constexpr,
-    ONE_CHUNK: tl.constexpr,
-):  # fmt: skip
-    """TMA GEMV: ``[KL, BN / 8]`` word tiles copied into shared memory by the tensor memory accelerator
-    ``STAGES - 1`` steps ahead of the math (Triton's loop pipeliner: one bulk copy per tile, an mbarrier per stage).
-
-    The register-load kernels keep a step's loads in flight only until ptxas schedules their first use, so each
-    warp pays a DRAM round trip per step; here the copies of later steps are in flight while a step is unpacked
-    (their bytes land in shared memory, not in registers), so fewer warps keep the memory system busy.
-
-    Triton gives the tile 16-byte rows per thread: with ``BN / 8 = 128 x warps`` words every lane holds four words
-    of every row, and ``REDUCE_ROWS`` sums the rows inside each thread every step (``[BN]`` sums, few registers);
-    narrower tiles spread rows over lanes, and the rows are then summed elementwise into ``[KL, BN]`` sums and
-    across lanes only when a group chunk closes."""
-    BN8: tl.constexpr = BN // 8
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_n8 = pid_n * BN8 + tl.arange(0, BN8)
-    lane_k = tl.arange(0, KL)
-    mask_n = offs_n < N
-    mask_n8 = offs_n8 < N8
-    k_begin = pid_k * k_split
-    k_end = tl.minimum(k_begin + k_split, K)
-    if PREFETCH > 0:  # the weight is no kernel's output: its first tile into L2 before the wait
-        first = qw_ptr + k_begin * N8 + lane_k[:, None] * N8 + tl.minimum(offs_n8, N8 - 1)[None, :]
-        prefetch_l2(first)
-    pdl_sync(PDL)
-    acc0 = tl.zeros([BN], dtype=tl.float32)
-    acc1 = tl.zeros([BN], dtype=tl.float32)
-    d0 = tl.zeros([BN] if REDUCE_ROWS else [KL, BN], dtype=tl.float32)
-    d1 = tl.zeros([BN] if REDUCE_ROWS else [KL, BN], dtype=tl.float32)
-    for r0 in tl.range(k_begin, k_end, KL, num_stages=STAGES):
-        f = unpack_tile_one_plus(w_desc.load([r0, pid_n * BN8]), BN, ASM)
-        xv = tl.load(x_ptr + r0 + lane_k)[:, None].to(tl.float32)
-        d0 += tl.sum(f * xv, axis=0) if REDUCE_ROWS else f * xv
-        if BM > 1:
-            xv = tl.load(x_ptr + stride_xm + r0 + lane_k)[:, None].to(tl.float32)
-            d1 += tl.sum(f * xv, axis=0) if REDUCE_ROWS else f * xv
-        if not ONE_CHUNK and (r0 + KL - k_begin) % GCH == 0:  # end of a group chunk: apply its scale and zero
-            c0 = r0 + KL - GCH
-            acc0, acc1 = _tma_chunk(x_ptr, qz_ptr, s_ptr, c0, stride_xm, N8, N, offs_n8, offs_n, mask_n8, mask_n,
-                                    acc0, acc1, d0, d1, BM, BN, KL, G, GCH, EVEN_N, REDUCE_ROWS)  # fmt: skip
-            d0 = tl.zeros([BN] if REDUCE_ROWS else [KL, BN], dtype=tl.float32)
-            d1 = tl.zeros([BN] if REDUCE_ROWS else [KL, BN], dtype=tl.float32)
-    if ONE_CHUNK:  # the slice lies in one group: its scale and zero once, after the loop (fewer live registers)
-        acc0, acc1 = _tma_chunk(x_ptr, qz_ptr, s_ptr, k_begin, stride_xm, N8, N, offs_n8, offs_n, mask_n8, mask_n,
-                                acc0, acc1, d0, d1, BM, BN, KL, G, GCH, EVEN_N, REDUCE_ROWS)  # fmt: skip
-    _store_rows(out_ptr, bias_ptr, offs_n, mask_n, pid_k, stride_os, stride_om, acc0, acc1, acc1, acc1,
-                BM, TO_WORKSPACE, HAS_BIAS)  # fmt: skip
-
-
-@triton.jit
-def _tma_chunk(x_ptr, qz_ptr, s_ptr, c0, stride_xm, N8, N, offs_n8, offs_n, mask_n8, mask_n, acc0, acc1, d0, d1,
-               BM: tl.constexpr, BN: tl.constexpr, KL: tl.constexpr, G: tl.constexpr, GCH: tl.constexpr,
-               EVEN_N: tl.constexpr, REDUCE_ROWS: tl.constexpr):  # fmt: skip
-    """Close the group chunk of rows ``c0 … c0 + GCH`` of the TMA GEMV: ``acc += s (16 d - (16 + z) sx)`` with
-    ``d`` already summed over rows (``REDUCE_ROWS``) or summed over the tile's rows here."""
-    if REDUCE_ROWS:
-        grp = c0 // G
-        z16 = 16.0 + nibble_value(unpack_row(_load_cols(qz_ptr + grp * N8 + offs_n8, mask_n8, EVEN_N), BN))
-        s = _load_cols(s_ptr + grp * N + offs_n, mask_n, EVEN_N).to(tl.float32)
-        rows = c0 + tl.arange(0, GCH)
-        acc0 += s * (16.0 * d0 - z16 * tl.sum(tl.load(x_ptr + rows).to(tl.float32)))
-        if BM > 1:
-            acc1 += s * (16.0 * d1 - z16 * tl.sum(tl.load(x_ptr + stride_xm + rows).to(tl.float32)))
-    else:
-        lane_k = tl.arange(0, KL)
-        z_tile = offs_n8[None, :] + 0 * lane_k[:, None]  # zeros and scales in the sums' layout (every lane the same)
-        s_tile = offs_n[None, :] + 0 * lane_k[:, None]
-        mask_w = (lane_k[:, None] < KL) & mask_n8[None, :]
-        t0, t1 = _lanes_chunk(x_ptr, qz_ptr, s_ptr, c0, stride_xm, N8, N, z_tile, s_tile, mask_w, mask_n,
-                              0.0, 0.0, d0, d1, BM, BN, G, GCH, EVEN_N)  # fmt: skip
-        acc0 += tl.sum(t0, axis=0)
-        if BM > 1:
-            acc1 += tl.sum(t1, axis=0)
-    return acc0, acc1
-
-
 @triton.jit
 def _lanes_chunk(x_ptr, qz_ptr, s_ptr, c0, stride_xm, N8, N, z_tile, s_tile, mask_w, mask_n, acc0, acc1, d0, d1,
                  BM: tl.constexpr, BN: tl.constexpr, G: tl.constexpr, GCH: tl.constexpr,
@@ -471,7 +384,6 @@ def gemv(
     specialize_n: bool = True,
     lanes: int = 1,
     lookahead: int = 0,
-    tma_stages: int = 0,
     partials: bool = False,
 ) -> torch.Tensor | Partials:
     """``x [M, K] @ W (+ bias)`` for ``M <= 4`` on CUDA cores (``partials``: see :func:`finish_split_k`).
@@ -482,17 +394,12 @@ def gemv(
     (one compilation per layer width; off only to measure what it gains). ``lanes > 1`` runs the lane-split kernel
     (:func:`_gemv_lanes_kernel`): steps of four ``[lanes, block_n / 8]`` word tiles, rows over the lanes (``rows``
     is then ignored); ``lanes * block_n / 8`` should be ``128 * num_warps`` (16-byte loads, every thread its own
-    words). ``lookahead``: steps ahead whose weight rows are prefetched into L2 (0: none). ``tma_stages > 0`` runs
-    the TMA kernel (:func:`_gemv_tma_kernel`): one ``[lanes, block_n / 8]`` tile per step, copied into shared memory
-    ``tma_stages - 1`` steps ahead (``rows`` and ``lookahead`` are then ignored).
+    words). ``lookahead``: steps ahead whose weight rows are prefetched into L2 (0: none).
     """
     m, k = x.shape
     n = scales.shape[1]
     assert 1 <= m <= (4 if lanes == 1 else 2), "the GEMV takes at most 4 rows (the lane-split kernel 2)"
-    if tma_stages:
-        rows = 1  # one tile a step; the pipeline keeps the next ones in flight
-    else:
-        rows = min(rows, group_size) if lanes == 1 else 4  # the lane-split kernel keeps four tiles in flight
+    rows = min(rows, group_size) if lanes == 1 else 4  # the lane-split kernel keeps four tiles in flight
     step = rows * lanes
     assert x.stride(1) == 1 and group_size % step == 0, (group_size, rows, lanes)
     k_split, split_k = k_slices(k, group_size, split_k, step)
@@ -505,11 +412,6 @@ def gemv(
     else:
         kernel, shape = _gemv_lanes_kernel, {"KL": lanes, "ONE_CHUNK": k_split <= group_size}
     lookahead = 0 if interpreting() else lookahead  # a prefetch is inline PTX (and only a hint)
-    if tma_stages:
-        assert n % 32 == 0, "the TMA GEMV needs 16-byte weight rows (N a multiple of 32)"
-        _launch_tma(x, qweight, qzeros, scales, dest, out, bias, k_split, block_n, lanes, group_size, num_warps,
-                    tma_stages, mode)  # fmt: skip
-        return finish_split_k(dest, out, bias, partials)
     kernel[grid](
         x, qweight, qzeros, scales, dest, bias if bias is not None else out,
         m, n, n // 8, k, k_split, x.stride(0), m * n, n,
@@ -519,23 +421,3 @@ def gemv(
         PREFETCH=rows if mode == 1 else 0, LOOKAHEAD=lookahead, **shape, **pdl_launch(x.device, mode),
     )  # fmt: skip
     return finish_split_k(dest, out, bias, partials)
-
-
-def _launch_tma(x, qweight, qzeros, scales, dest, out, bias, k_split, block_n, lanes, group_size, num_warps,
-                stages, mode):  # fmt: skip
-    """Launch :func:`_gemv_tma_kernel` (see :func:`gemv`'s ``tma_stages``)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
-    m, k = x.shape
-    n = scales.shape[1]
-    split_k = dest.shape[0] if dest is not out else 1
-    desc = TensorDescriptor.from_tensor(qweight, [lanes, block_n // 8])
-    _gemv_tma_kernel[(triton.cdiv(n, block_n), split_k)](
-        x, desc, qweight, qzeros, scales, dest, bias if bias is not None else out,
-        m, n, n // 8, k, k_split, x.stride(0), m * n, n,
-        BM=m, BN=block_n, KL=lanes, G=group_size, GCH=min(group_size, k_split),
-        TO_WORKSPACE=split_k > 1, HAS_BIAS=bias is not None, ASM=not interpreting(), EVEN_N=n % block_n == 0,
-        PDL=mode > 0, PREFETCH=1 if mode == 1 else 0, STAGES=stages, REDUCE_ROWS=block_n // 8 >= 128 * num_warps,
-        ONE_CHUNK=k_split <= group_size,
-        num_warps=num_warps, **({"launch_pdl": True} if mode > 0 else {}),
-    )  # fmt: skip
