@@ -4,11 +4,10 @@ No shape tables: the rules below come from the H100 sweeps recorded in docs/kern
 of how much work each program gets and how many programs the GPU needs to stay busy, so they carry over to shapes
 that were never measured.
 
-* ``M == 1`` (and ``M == 2`` on wide layers): CUDA-core split-K GEMV (:mod:`.gemv`) — the pass over the weight is
-  all that matters.
+* ``M == 1``: CUDA-core split-K GEMV (:mod:`.gemv`) — the pass over the weight is all that matters.
 * up to ``SPLITK_MAX_M`` (and to 128 on wide layers): tensor-core GEMM with split-K, mostly the nibble-plane kernel
-  (:func:`.gemm.gemm_planes`), split along K so that its programs fill one wave of resident programs
-  (:func:`wave_split`).
+  (:func:`.gemm.gemm_planes`; for M <= 16 its words tile copied by TMA), split along K so that its programs fill one
+  wave of resident programs (:func:`wave_split`).
 * beyond: dequantize to the activation dtype + cuBLAS (:mod:`.dequant`); the fused kernel with large tiles
   (``gemm(..., block_m=128)``) exists and is correct but measured slower than cuBLAS on the dequantized weight.
 """

@@ -14,8 +14,9 @@ the dequantized weight. Which one wins is measured (see docs/kernels-notes.md).
 ``[BK, BN]`` tile altogether: AutoAWQ's nibble ``c`` of every word of a ``[BK, BN/8]`` tile is output column
 ``8 j + (0, 2, 4, 6, 1, 3, 5, 7)[c]``, so the tile is eight "nibble planes", each an elementwise function of the
 loaded words, each multiplied by ``x`` in its own small MMA (A operand built in registers with one PRMT, an optional
-shift and one LOP3 per two weights; no layout conversion of the unpacked weight, the words tile is staged by the
-cp.async pipeline once). The planes are interleaved back into natural column order once, in the epilogue.
+shift and one LOP3 per two weights; no layout conversion of the unpacked weight, the words tile is staged in shared
+memory once, by the cp.async pipeline or, with ``tma=True`` (the default for 2 <= M <= 16), by the tensor memory
+accelerator). The planes are interleaved back into natural column order once, in the epilogue.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ kernel is built to keep the memory system busy while spending as few instruction
 * each step can ask for the rows ``LOOKAHEAD`` steps ahead to be brought into L2 (``prefetch.global.L2``: no
   registers, nothing waits), so that a step's loads wait for L2 rather than DRAM;
 * :func:`_gemv_lanes_kernel` spreads a step's rows over the lanes instead (16-byte loads, fewer K splits), which
-  pays at M = 2 on wide layers (:func:`~awqkit.kernels.dispatch.pick_config` decides);
+  paid at M = 2 on wide layers (now used only where N is not a multiple of 32, see
+  :func:`~awqkit.kernels.dispatch.pick_config`);
 * with split-K the fp32 partial sums go to a workspace ``[split, M, N]`` and :func:`reduce_splits` adds them,
   the bias, and casts — deterministic, no atomics, no zero-fill, so it is CUDA-graph safe (the workspace size depends
   only on the shapes).
