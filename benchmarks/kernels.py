@@ -168,6 +168,7 @@ CHECK_PATHS = [
     ("gemv_nosplit", Config("gemv", block_n=512, num_warps=1, rows=4, split_k=1)),
     ("gemv_runtime_n", Config("gemv", block_n=256, num_warps=1, rows=8, split_k=40, specialize_n=False)),
     ("gemv_lookahead", Config("gemv", block_n=256, num_warps=1, rows=8, split_k=7, lookahead=2)),
+    ("gemv_pairs", Config("gemv", block_n=256, num_warps=1, rows=8, split_k=7, lookahead=1, pairs=True)),
     ("gemv_lanes4", Config("gemv", block_n=256, num_warps=1, split_k=12, lanes=4, lookahead=2)),
     ("gemv_lanes8_chunks", Config("gemv", block_n=128, num_warps=1, split_k=2, lanes=8)),
     ("gemm_splitk", Config("gemm", block_m=16, block_n=256, split_k=3, num_warps=4)),
@@ -337,7 +338,8 @@ SWEEP_MS = (1, 2)  # most important first: a deadline cuts the tail
 def gemv_candidates(m: int, n: int, k: int, sms: int) -> list[tuple[str, Config]]:
     """GEMV configurations to time against the shipped rule: at M = 1 the row kernel with one or two words per
     thread (256 or 512 columns per one-warp program), with and without its rows prefetched into L2 a step ahead, at
-    ~16-32 programs per SM; the lane-split kernel (4 or 8 rows per step over the lanes) at ~8-16 programs per SM."""
+    ~16-32 programs per SM, and with the look-ahead also unpacking two nibbles per rotated word (``pairs``); the
+    lane-split kernel (4 or 8 rows per step over the lanes) at ~8-16 programs per SM."""
     out = []
     if m == 1:
         for block_n in (256, 512):
@@ -345,6 +347,8 @@ def gemv_candidates(m: int, n: int, k: int, sms: int) -> list[tuple[str, Config]
                 for la in (0, 1):
                     cfg = gemv_config(m, n, k, sms, block_n=block_n, warps=1, rows=8, pps=pps, lookahead=la)
                     out.append((f"row bn{block_n} pps{pps} la{la} split{cfg.split_k}", cfg))
+                    if la:  # two nibbles per rotated word (Config.pairs)
+                        out.append((f"row pairs bn{block_n} pps{pps} la1 split{cfg.split_k}", replace(cfg, pairs=True)))
     for lanes, block_n in ((4, 256), (8, 128)):
         for pps in (8, 16):
             cfg = gemv_config(m, n, k, sms, block_n=block_n, warps=1, rows=4, pps=pps, lanes=lanes, lookahead=2)

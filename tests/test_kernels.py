@@ -75,6 +75,9 @@ PATHS = {
     "gemv_subgroup_splitk": (Config("gemv", block_n=256, num_warps=1, rows=8, split_k=16), 2, 64, 40),
     "gemv_even_n": (Config("gemv", block_n=256, num_warps=1, rows=8, split_k=2), 1, 128, 512),  # unmasked loads
     "gemv_runtime_n": (Config("gemv", block_n=256, num_warps=1, rows=8, split_k=2, specialize_n=False), 2, 128, 200),
+    # row GEMV unpacking two nibbles per rotated word: several chunks a slice, sub-group slices, four rows
+    "gemv_pairs": (Config("gemv", block_n=256, num_warps=1, rows=8, split_k=1, pairs=True), 1, 512, 200),
+    "gemv_pairs_subgroup": (Config("gemv", block_n=256, num_warps=1, rows=8, split_k=16, pairs=True), 4, 256, 520),
     # lane-split GEMV: 4 or 8 rows per step over the lanes; one group chunk per slice, or several
     "gemv_lanes": (Config("gemv", block_n=256, num_warps=1, split_k=2, lanes=4, lookahead=2), 1, 256, 200),
     "gemv_lanes_chunks": (Config("gemv", block_n=128, num_warps=1, split_k=1, lanes=8), 2, 256, 136),
@@ -125,6 +128,23 @@ def test_every_path(path, dtype):
     if k % g:
         g = 32
     _check(cfg, m, k, n, g, dtype, bias=path.endswith("swap") or path.startswith("gemv"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_gemv_pairs_keeps_fp32_sums(dtype):
+    """The two-nibbles-per-rotation unpack puts half the nibbles 2**-8 below the activation part of each fp32 sum: its
+    split-K partials (before any rounding to the activation dtype) stay within 2e-5 of the float64 reference, against
+    ~2e-3 for the bf16 rounding of the output, on activations with outlier channels."""
+    k, n, g = 1024, 256, 64
+    qw, qz, sc = _awq(k, n, g, 21)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(22))
+    x[0, ::37] *= 30  # salient channels, as AWQ sees them
+    x = x.to(dtype)
+    ref = x.double() @ fmt.dequantize(qw, qz, sc, g, torch.float32).double()
+    cfg = Config("gemv", block_n=256, num_warps=1, rows=8, split_k=4, pairs=True)
+    parts = run_config(cfg, x, qw, qz, sc, g, partials=True).parts
+    assert parts.dtype == torch.float32 and parts.shape[0] > 1
+    assert _rel(parts.double().sum(0), ref) < 2e-5
 
 
 @pytest.mark.parametrize("g", [32, 64, 128])
