@@ -55,7 +55,7 @@ sig = {"x_ptr": "*bf16", "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*bf16", "
        **{n: "i32" for n in ("M", "N", "N8", "K", "k_split", "stride_xm", "stride_os", "stride_om")}}
 for pdl, prefetch in ((False, 0), (True, 8)):
     consts = dict(BM=1, BN=256, ROWS=8, G=128, GCH=32, TO_WORKSPACE=True, HAS_BIAS=False, ASM=True, ROW_WORDS=576,
-                  EVEN_N=True, PDL=pdl, PREFETCH=prefetch, LOOKAHEAD=0)
+                  EVEN_N=True, PDL=pdl, PREFETCH=prefetch, LOOKAHEAD=0, PAIRS=False)
     k = triton.compile(ASTSource(fn=V._gemv_kernel, signature={**sig, **{c: "constexpr" for c in consts}},
                                  constexprs=consts), target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": 1, "launch_pdl": pdl})

@@ -48,7 +48,7 @@ class Config:
     specialize_n: bool = True  # GEMV: the row length compiled in (False: read at run time, for A/B sweeps)
     lookahead: int = 0  # GEMV: steps ahead whose weight rows are prefetched into L2 (0: none)
     lanes: int = 1  # GEMV: rows per step spread over the lanes (1: the row kernel; >1: the lane-split kernel)
-    pairs: bool = False  # row GEMV: two nibbles per rotated word (1.375 instead of 2 unpack instructions a weight)
+    pairs: bool = False  # row GEMV: two nibbles per rotated word (1.5 instead of 2 unpack instructions a weight)
     tma: bool = False  # nibble-plane kernel: the words tile copied into shared memory by TMA, ``stages`` deep
     # (needs N % 32 == 0: 16-byte rows)
 

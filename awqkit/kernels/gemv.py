@@ -72,8 +72,8 @@ def _gemv_kernel(
     i.e. one funnel shift, one LOP3 and one FFMA per weight. Up to four activation rows (``BM <= 4``) share each
     unpacked weight. With programmatic dependent launch (``PDL``) the program asks for its first ``PREFETCH`` weight
     rows to be brought into L2 while the previous kernel still runs, then waits for it (:func:`pdl_sync`).
-    ``PAIRS`` unpacks with :func:`~awqkit.kernels.common.unpack_row_pairs` (1.375 instead of 2 instructions per
-    weight; ``f = 1 + q / m`` with a per-column ``m``).
+    ``PAIRS`` unpacks with :func:`~awqkit.kernels.common.unpack_row_pairs` (1.5 instead of 2 instructions per
+    weight; ``f = 1 + q / m`` with a per-column ``m``, and ``16`` above becomes that ``m``).
     """
     BN8: tl.constexpr = BN // 8
     pid_n = tl.program_id(0)
@@ -106,7 +106,7 @@ def _gemv_kernel(
         grp = g0 // G
         zm = mult + nibble_value(unpack_row(_load_cols(qz_ptr + grp * N8 + offs_n8, mask_n8, EVEN_N), BN))
         s = _load_cols(s_ptr + grp * N + offs_n, mask_n, EVEN_N).to(tl.float32)
-        # chunk partials: d = sum_k x_k (1 + q_k / 16), sx = sum_k x_k
+        # chunk partials: d = sum_k x_k (1 + q_k / mult), sx = sum_k x_k
         d0 = tl.zeros([BN], dtype=tl.float32)
         d1 = tl.zeros([BN], dtype=tl.float32)
         d2 = tl.zeros([BN], dtype=tl.float32)
