@@ -366,19 +366,23 @@ def planes_tma_candidates(m: int, n: int, k: int, sms: int) -> list[tuple[str, C
     split along K to fill one wave of the programs that registers (~255 a thread) and shared memory let reside."""
     out = []
     if m <= 16:
-        shapes = [(16, bn8, warps, bk, stages, dq) for bn8, warps in ((32, 2), (64, 4)) for bk in (64, 128)
+        shapes = [(16, bn8, warps, bk, stages, dq, 0) for bn8, warps in ((32, 2), (64, 4)) for bk in (64, 128)
                   for stages in (3, 4) for dq in (3, 4)]  # fmt: skip
+        # the shipped tile capped at 168 registers (no spills in SASS): 12 resident warps per SM instead of 8
+        shapes += [(16, 32, 2, 64, stages, 4, 168) for stages in (3, 4)]
     else:  # larger row tiles: folded (q - z) s only (the per-step correction grows with the row tile)
-        shapes = [(bm, bn8, warps, 64, stages, 4) for bm in (32, 64) if bm <= m
+        shapes = [(bm, bn8, warps, 64, stages, 4, 0) for bm in (32, 64) if bm <= m
                   for bn8, warps in ((32, 2), (32, 4), (64, 4), (64, 8)) for stages in (3, 4)]  # fmt: skip
-    for bm, bn8, warps, bk, stages, dq in shapes:
+    for bm, bn8, warps, bk, stages, dq, maxnreg in shapes:
         smem = stages * (bk * bn8 * 4 + bm * bk * 2) + 2048
-        resident = max(1, min(PLANES_WARPS_PER_SM // warps, SMEM_PER_SM // smem))
+        by_regs = 65536 // (maxnreg * 32 * warps) if maxnreg else PLANES_WARPS_PER_SM // warps
+        resident = max(1, min(by_regs, SMEM_PER_SM // smem))
         tiles = triton.cdiv(n // 8, bn8) * triton.cdiv(m, bm)
         split = wave_split(tiles, k // bk, sms, resident)
         cfg = Config("gemm", block_m=bm, block_n=8 * bn8, block_k=bk, split_k=split, num_warps=warps, stages=stages,
-                     dq=dq, tma=True)  # fmt: skip
-        out.append((f"planes_tma dq{dq} bm{bm} bn8{bn8} w{warps} bk{bk} st{stages} res{resident} split{split}", cfg))
+                     dq=dq, tma=True, maxnreg=maxnreg)  # fmt: skip
+        label = f"planes_tma dq{dq} bm{bm} bn8{bn8} w{warps} bk{bk} st{stages}{f' reg{maxnreg}' if maxnreg else ''}"
+        out.append((f"{label} res{resident} split{split}", cfg))
     return out
 
 
