@@ -37,14 +37,12 @@ import triton  # noqa: E402
 from awqkit.formats import gemm as fmt  # noqa: E402
 from awqkit.kernels.common import set_pdl, sm_count  # noqa: E402
 from awqkit.kernels.dispatch import (  # noqa: E402
-    PLANES_WARPS_PER_SM,
-    WIDE_N,
     Config,
     gemv_config,
     pick_config,
     planes_config,
     run_config,
-    wave_split,
+    small_m_without_tma,
 )
 from awqkit.kernels.gemv import k_slices  # noqa: E402
 from awqkit.nn import AWQLinear  # noqa: E402
@@ -356,10 +354,6 @@ def gemv_candidates(m: int, n: int, k: int, sms: int) -> list[tuple[str, Config]
     return out
 
 
-# shared memory per SM available to resident programs (H100/H200: 228 KB, 1 KB of it reserved per program)
-SMEM_PER_SM = 227 * 1024
-
-
 def planes_tma_candidates(m: int, n: int, k: int, sms: int) -> list[tuple[str, Config]]:
     """The nibble-plane tensor-core kernel with its words tile staged by TMA: 16-row tiles, 32 or 64 column blocks
     (2 or 4 warps), 64- or 128-row steps, 3-4 stages, per-step correction (dq=3) or folded (q - z) s (dq=4),
@@ -374,28 +368,17 @@ def planes_tma_candidates(m: int, n: int, k: int, sms: int) -> list[tuple[str, C
         shapes = [(bm, bn8, warps, 64, stages, 4, 0) for bm in (32, 64) if bm <= m
                   for bn8, warps in ((32, 2), (32, 4), (64, 4), (64, 8)) for stages in (3, 4)]  # fmt: skip
     for bm, bn8, warps, bk, stages, dq, maxnreg in shapes:
-        smem = stages * (bk * bn8 * 4 + bm * bk * 2) + 2048
-        by_regs = 65536 // (maxnreg * 32 * warps) if maxnreg else PLANES_WARPS_PER_SM // warps
-        resident = max(1, min(by_regs, SMEM_PER_SM // smem))
-        tiles = triton.cdiv(n // 8, bn8) * triton.cdiv(m, bm)
-        split = wave_split(tiles, k // bk, sms, resident)
-        cfg = Config("gemm", block_m=bm, block_n=8 * bn8, block_k=bk, split_k=split, num_warps=warps, stages=stages,
-                     dq=dq, tma=True, maxnreg=maxnreg)  # fmt: skip
+        cfg = planes_config(m, n, k, GROUP, sms, fold=dq == 4, block_m=bm, bn8=bn8, warps=warps, stages=stages,
+                            block_k=bk, maxnreg=maxnreg, tma=True)  # fmt: skip
         label = f"planes_tma dq{dq} bm{bm} bn8{bn8} w{warps} bk{bk} st{stages}{f' reg{maxnreg}' if maxnreg else ''}"
-        out.append((f"{label} res{resident} split{split}", cfg))
+        out.append((f"{label} split{cfg.split_k}", cfg))
     return out
 
 
 def session8_rule(m: int, n: int, k: int, sms: int) -> list[tuple[str, Config]]:
     """What :func:`pick_config` chose for 2 <= M <= 16 before the TMA-staged plane kernel (session 9), as a
     candidate: the A/B of the rule change on any shape."""
-    if not 2 <= m <= 16:
-        return []
-    if m == 2 and n >= WIDE_N:
-        cfg = gemv_config(m, n, k, sms, block_n=256, warps=1, rows=4, pps=8, lanes=4, lookahead=2)
-    else:
-        cfg = planes_config(m, n, k, GROUP, sms, fold=False, block_m=16, bn8=32, warps=2, stages=2)
-    return [("session8 rule", cfg)]
+    return [("session8 rule", small_m_without_tma(m, n, k, GROUP, sms))] if 2 <= m <= 16 else []
 
 
 def sweep_jobs(shapes, sms: int, ms=SWEEP_MS) -> list[tuple]:

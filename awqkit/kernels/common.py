@@ -157,20 +157,10 @@ def unpack_row_one_plus(packed, BN: tl.constexpr, ASM: tl.constexpr):
 
 @triton.jit
 def _rotl(w, BITS: tl.constexpr, ASM: tl.constexpr):
-    """Rotate 32-bit words left by ``BITS`` (7, 15, 23 or 31): one funnel shift on the GPU."""
+    """Rotate 32-bit words left by ``BITS`` (1..31): one funnel shift on the GPU (the amount a constant register)."""
     if ASM:
-        if BITS == 7:
-            r = tl.inline_asm_elementwise("shf.l.wrap.b32 $0, $1, $1, 7;", "=r,r", [w], dtype=tl.int32,
-                                          is_pure=True, pack=1)  # fmt: skip
-        elif BITS == 15:
-            r = tl.inline_asm_elementwise("shf.l.wrap.b32 $0, $1, $1, 15;", "=r,r", [w], dtype=tl.int32,
-                                          is_pure=True, pack=1)  # fmt: skip
-        elif BITS == 23:
-            r = tl.inline_asm_elementwise("shf.l.wrap.b32 $0, $1, $1, 23;", "=r,r", [w], dtype=tl.int32,
-                                          is_pure=True, pack=1)  # fmt: skip
-        else:
-            r = tl.inline_asm_elementwise("shf.l.wrap.b32 $0, $1, $1, 31;", "=r,r", [w], dtype=tl.int32,
-                                          is_pure=True, pack=1)  # fmt: skip
+        r = tl.inline_asm_elementwise("shf.l.wrap.b32 $0, $1, $1, $2;", "=r,r,r", [w, tl.full(w.shape, BITS, tl.int32)],
+                                      dtype=tl.int32, is_pure=True, pack=1)  # fmt: skip
     else:
         u = w.to(tl.uint32, bitcast=True)
         r = ((u << BITS) | (u >> (32 - BITS))).to(tl.int32, bitcast=True)

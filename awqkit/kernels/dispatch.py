@@ -64,6 +64,17 @@ def _split_for(tiles: int, k_steps: int, sms: int, programs_per_sm: int) -> int:
 # ``w`` warps thus has 8 // w resident slots per SM; shared memory (2-3 stages of a <= 16 KB words tile) is not the
 # limit for any tile the dispatcher picks.
 PLANES_WARPS_PER_SM = 8
+# Shared memory an SM gives its resident programs (H100/H200: 228 KB, 1 KB of it reserved per program), and the
+# nibble-plane kernel's share of it per program: ``stages`` words tiles and activation tiles, plus ~2 KB of barriers
+# and epilogue scratch
+SMEM_PER_SM = 227 * 1024
+
+
+def planes_smem(block_m: int, bn8: int, block_k: int, stages: int) -> int:
+    """Bytes of shared memory one nibble-plane program holds (an estimate; the compiler's figure is close)."""
+    return stages * (block_k * bn8 * 4 + block_m * block_k * 2) + 2048
+
+
 # Fewest K steps a split-K program keeps (the cp.async pipeline needs steps to overlap; run 9: qkv slower at 2).
 MIN_STEPS_PER_PROGRAM = 4
 
@@ -97,9 +108,10 @@ def planes_config(
     maxnreg: int = 0,
     tma: bool = False,
 ) -> Config:
-    """A nibble-plane launch (:func:`gemm.gemm_planes`), split along K by :func:`wave_split` (one wave of
-    ``PLANES_WARPS_PER_SM // warps`` programs per SM); ``pps > 0`` instead asks for ~``pps`` programs per SM with
-    >= 2 K steps each (v5's rule, kept for sweeps).
+    """A nibble-plane launch (:func:`gemm.gemm_planes`), split along K by :func:`wave_split` (one wave of the
+    programs that registers — ``PLANES_WARPS_PER_SM // warps``, or what ``maxnreg`` allows — and shared memory let
+    reside per SM); ``pps > 0`` instead asks for ~``pps`` programs per SM with >= 2 K steps each (v5's rule, kept for
+    sweeps).
 
     ``bn8`` AutoAWQ column blocks (8 outputs each) per program: 16 per warp keeps one warp's MMA rows its own (16
     rows per warp for mma.sync, 64 per warpgroup for wgmma), so no warp unpacks a plane another warp also unpacks."""
@@ -109,8 +121,9 @@ def planes_config(
     if pps > 0:
         split = max(1, min(triton.cdiv(int(pps * sms), tiles), steps // 2))
     else:
-        resident = max(1, PLANES_WARPS_PER_SM // warps) if not maxnreg else max(1, 65536 // (maxnreg * 32 * warps))
-        split = wave_split(tiles, steps, sms, resident)
+        by_regs = PLANES_WARPS_PER_SM // warps if not maxnreg else 65536 // (maxnreg * 32 * warps)
+        by_smem = SMEM_PER_SM // planes_smem(block_m, bn8, block_k, stages)
+        split = wave_split(tiles, steps, sms, max(1, min(by_regs, by_smem)))
     return Config("gemm", block_m=block_m, block_n=8 * bn8, block_k=block_k, split_k=split, num_warps=warps,
                   stages=stages, dq=4 if fold else 3, maxnreg=maxnreg, tma=tma)  # fmt: skip
 
@@ -124,6 +137,17 @@ def gemv_config(
     split = _split_for(triton.cdiv(n, block_n), max(1, k // (rows * lanes)), sms, pps)
     split = max(1, min(split, k // (32 * m)))
     return Config("gemv", block_n=block_n, split_k=split, num_warps=warps, rows=rows, lanes=lanes, lookahead=lookahead)
+
+
+def small_m_without_tma(m: int, n: int, k: int, group_size: int, sms: int) -> Config:
+    """The rule for 2 <= M <= 16 where TMA cannot stage the weight (N not a multiple of 32), and everywhere before
+    session 9 (the benchmark's sweep times it as the baseline of the TMA rule)."""
+    if m == 2 and n >= WIDE_N:
+        # lane-split GEMV (4 rows per step over the lanes, 16-byte loads), ~8 programs per SM, L2 look-ahead of
+        # two steps: session 7's sweep, gate_up 40.9 vs 47.7 us (Llama-3-8B 40.3 vs 42.5) for the 1024-column row
+        # kernel
+        return gemv_config(m, n, k, sms, block_n=256, warps=1, rows=4, pps=8, lanes=4, lookahead=2)
+    return planes_config(m, n, k, group_size, sms, fold=False, block_m=16, bn8=32, warps=2, stages=2)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -157,12 +181,8 @@ def pick_config(m: int, n: int, k: int, group_size: int, sms: int) -> Config:
         # held-out Llama-3-8B) x M = 2, 4, 8, 16: 1.09-1.36x the rules below on every one, within 5 % of the best
         # of 32 TMA configurations
         return planes_config(m, n, k, group_size, sms, fold=True, block_m=16, bn8=32, warps=2, stages=3, tma=True)
-    if m == 2 and wide:
-        # lane-split GEMV (4 rows per step over the lanes, 16-byte loads), ~8 programs per SM, L2 look-ahead of
-        # two steps: same sweep, gate_up 40.9 vs 47.7 us (Llama-3-8B 40.3 vs 42.5) for the 1024-column row kernel
-        return gemv_config(m, n, k, sms, block_n=256, warps=1, rows=4, pps=8, lanes=4, lookahead=2)
     if m <= 16:
-        return planes_config(m, n, k, group_size, sms, fold=False, block_m=16, bn8=32, warps=2, stages=2)
+        return small_m_without_tma(m, n, k, group_size, sms)
     fold32 = planes_config(m, n, k, group_size, sms, fold=True, block_m=32, bn8=32, warps=2)
     if m <= 32:
         return fold32

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from awqkit.kernels.common import (
     Partials,
@@ -447,8 +448,6 @@ def gemm_planes(
     dest = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
     grid = (triton.cdiv(n // 8, bn8) * triton.cdiv(m, block_m), split_k)
     if tma:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
         assert n % 32 == 0, "TMA needs 16-byte weight rows (N a multiple of 32)"
         w_desc = TensorDescriptor.from_tensor(qweight, [block_k, bn8])
     else:
