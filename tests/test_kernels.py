@@ -130,6 +130,22 @@ def test_every_path(path, dtype):
     _check(cfg, m, k, n, g, dtype, bias=path.endswith("swap") or path.startswith("gemv"))
 
 
+def test_tma_path_takes_a_misaligned_weight():
+    """A qweight view whose base is not 16-byte aligned (TMA's requirement) still runs the dispatcher's TMA config,
+    through the cp.async staging, and matches the reference."""
+    k, n, g = 256, 224, 64
+    qw, qz, sc = _awq(k, n, g, 31)
+    storage = torch.empty(qw.numel() + 1, dtype=qw.dtype)
+    shifted = storage[1:].view(k, n // 8)  # 4 bytes past an aligned base
+    shifted.copy_(qw)
+    assert shifted.data_ptr() % 16 != 0
+    cfg = pick_config(4, n, k, g, 132)
+    assert cfg.tma
+    x = torch.randn(4, k, generator=torch.Generator().manual_seed(32)).to(torch.bfloat16)
+    ref = x.double() @ fmt.dequantize(qw, qz, sc, g, torch.float32).double()
+    assert _rel(run_config(cfg, x, shifted, qz, sc, g), ref) < TOL[torch.bfloat16]
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_gemv_pairs_keeps_fp32_sums(dtype):
     """The two-nibbles-per-rotation unpack puts half the nibbles 2**-8 below the activation part of each fp32 sum: its

@@ -217,10 +217,13 @@ def run_config(
             pairs=cfg.pairs, partials=partials,
         )  # fmt: skip
     if cfg.kernel == "gemm" and cfg.dq >= 3:
+        # TMA also needs a 16-byte aligned base, which the rules (shapes only) cannot see: a view into the middle
+        # of a larger tensor takes the cp.async path, same tile and the same sums
+        tma = cfg.tma and qweight.data_ptr() % 16 == 0
         return gemm.gemm_planes(
             x, qweight, qzeros, scales, group_size, bias,
             block_m=cfg.block_m, block_n=cfg.block_n, block_k=min(cfg.block_k, group_size), split_k=cfg.split_k,
-            num_warps=cfg.num_warps, stages=cfg.stages, fold=cfg.dq == 4, maxnreg=cfg.maxnreg, tma=cfg.tma,
+            num_warps=cfg.num_warps, stages=cfg.stages, fold=cfg.dq == 4, maxnreg=cfg.maxnreg, tma=tma,
             partials=partials,
         )  # fmt: skip
     if cfg.kernel == "gemm":
