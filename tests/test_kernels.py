@@ -237,7 +237,8 @@ def test_dispatch_rules():
             if cfg.kernel == "gemm" and cfg.dq >= 3:
                 assert g % cfg.block_k == 0 and cfg.split_k <= max(1, k // cfg.block_k // 4), (m, k, n, g, cfg)
                 tiles = -(-n // cfg.block_n) * -(-m // cfg.block_m)
-                slots = 132 * (8 // cfg.num_warps)
+                per_sm = 65536 // (cfg.maxnreg * 32 * cfg.num_warps) if cfg.maxnreg else 8 // cfg.num_warps
+                slots = 132 * per_sm
                 assert cfg.split_k == 1 or tiles * cfg.split_k <= slots, (m, k, n, g, cfg)
     cfg = pick_config(1, 1000, 256, 64, 132)
     assert cfg.kernel == "gemv" and cfg.split_k >= 1
@@ -260,6 +261,18 @@ def test_dispatch_wide_layer_gemvs(m):
     cfg = pick_config(m, n, k, g, 132)
     assert cfg.kernel == "gemv" and (cfg.lanes, cfg.lookahead) == ((1, 1) if m == 1 else (4, 2))
     _check(cfg, m, k, n, g, torch.bfloat16, bias=True, seed=11)
+
+
+def test_dispatch_pairs_and_register_cap_rules():
+    """M = 1 unpacks two nibbles per rotated word on layers of >= 8M weights only; at 2 <= M <= 16 the plane tile is
+    capped at 168 registers only on wide layers where the extra resident programs add K splits."""
+    assert pick_config(1, 4608, 3584, 128, 132).pairs and pick_config(1, 37888, 3584, 128, 132).pairs
+    assert not pick_config(1, 2048, 1536, 128, 132).pairs  # 3M weights: launch and tail dominate
+    for m in (2, 8, 16):
+        capped = pick_config(m, 37888, 3584, 128, 132)
+        assert capped.maxnreg == 168 and capped.split_k > 3, capped  # 3 splits fill the uncapped wave
+        assert pick_config(m, 17920, 1536, 128, 132).maxnreg == 0  # wide, but the split is bound by K steps
+        assert pick_config(m, 3584, 18944, 128, 132).maxnreg == 0  # narrow
 
 
 @pytest.mark.parametrize("m", [2, 5, 16])

@@ -15,7 +15,7 @@ that were never measured.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -24,6 +24,8 @@ from awqkit.kernels import dequant, gemm, gemv
 from awqkit.kernels.common import Partials, sm_count
 
 SPLITK_MAX_M = 64
+# Weights (K x N) from which the M = 1 row GEMV unpacks two nibbles per rotated word (Config.pairs)
+PAIRS_MIN_WEIGHTS = 1 << 23
 # Output width from which a layer counts as wide (gate_up-like): enough column blocks to fill the GPU without a split
 WIDE_N = 16384
 
@@ -157,10 +159,12 @@ def pick_config(m: int, n: int, k: int, group_size: int, sms: int) -> Config:
     Rules (H100 sweeps, docs/kernels-notes.md, runs 7-10; M <= 16: the H200 sweeps of sessions 7 and 9):
 
     * M = 1: the CUDA-core split-K row GEMV (~32 one-warp programs per SM of independent row streams, split along
-      K down to parts of a group, rows prefetched into L2 a step ahead).
+      K down to parts of a group, rows prefetched into L2 a step ahead; layers of >= 8M weights unpack two nibbles
+      per rotated word).
     * M <= 16 (N a multiple of 32): the nibble-plane tensor-core kernel with ``(q - z) s`` folded into the operand
       and its words tile copied by TMA, one 16-row tile, 256 columns and 2 warps per program (4 resident per SM),
-      split along K to fill one wave of resident programs with >= 4 K steps each (:func:`wave_split`). Other N
+      split along K to fill one wave of resident programs with >= 4 K steps each (:func:`wave_split`); wide layers
+      cap it at 168 registers where the extra resident programs add splits. Other N
       (no 16-byte rows for TMA): M = 2 on wide layers the lane-split GEMV, else the same plane tile with cp.async
       and the per-step fp32 scale/zero correction.
     * M <= 32: the same kernel with ``(q - z) s`` folded into the operand (the correction's cost grows with the
@@ -174,13 +178,28 @@ def pick_config(m: int, n: int, k: int, group_size: int, sms: int) -> Config:
         # one word (8 columns) per thread and row, the row length compiled in (immediate row offsets), ~32
         # one-warp programs per SM, each step's rows prefetched into L2 one step ahead: session 7's H200 sweep, 8
         # shapes (Qwen2-7B and held-out Llama-3-8B), 6-10 % faster than without the look-ahead on every one
-        return gemv_config(m, n, k, sms, block_n=256, warps=1, rows=8, pps=32, lookahead=1)
+        # Layers of >= 8M weights also unpack two nibbles per rotated word (1.5 instead of 2 unpack instructions a
+        # weight; the kernel is issue-bound): session 10's H200 sweep, 2.3-5.6 % faster on all 12 such layers of
+        # Qwen2-7B, Llama-3-8B and Qwen2.5-14B; on Qwen2.5-1.5B's 2-3M-weight qkv / o, where launch and tail
+        # dominate, 5-7 % slower, so those keep the plain unpack
+        cfg = gemv_config(m, n, k, sms, block_n=256, warps=1, rows=8, pps=32, lookahead=1)
+        return replace(cfg, pairs=k * n >= PAIRS_MIN_WEIGHTS)
     if m <= 16 and n % 32 == 0:
         # nibble-plane kernel, (q - z) s folded into the operand, its words tile staged by TMA three stages deep,
         # 16-row tiles of 256 columns on 2 warps, one-wave split: session 9's H200 sweep, 8 shapes (Qwen2-7B and
         # held-out Llama-3-8B) x M = 2, 4, 8, 16: 1.09-1.36x the rules below on every one, within 5 % of the best
         # of 32 TMA configurations
-        return planes_config(m, n, k, group_size, sms, fold=True, block_m=16, bn8=32, warps=2, stages=3, tma=True)
+        cfg = planes_config(m, n, k, group_size, sms, fold=True, block_m=16, bn8=32, warps=2, stages=3, tma=True)
+        if n >= WIDE_N:
+            # wide layers whose one wave has room for more programs: the same tile capped at 168 registers (12
+            # instead of 8 resident warps per SM, no spills). Session 10's sweep: 1.02-1.09x on the gate_up of
+            # Qwen2-7B, Llama-3-8B and Qwen2.5-14B at every M = 2-16; where the cap adds no programs (Qwen2.5-1.5B
+            # gate_up, split bound by K steps) and on narrow layers (down: more splits, no gain) it is 5-20 % slower
+            capped = planes_config(m, n, k, group_size, sms, fold=True, block_m=16, bn8=32, warps=2, stages=3,
+                                   maxnreg=168, tma=True)  # fmt: skip
+            if capped.split_k > cfg.split_k:
+                return capped
+        return cfg
     if m <= 16:
         return small_m_without_tma(m, n, k, group_size, sms)
     fold32 = planes_config(m, n, k, group_size, sms, fold=True, block_m=32, bn8=32, warps=2)
