@@ -185,6 +185,11 @@ CHECK_PATHS = [
                           tma=True)),  # fmt: skip
     ("planes_fold_tma", Config("gemm", block_m=16, block_n=512, block_k=64, split_k=2, num_warps=4, stages=4, dq=4,
                                tma=True)),  # fmt: skip
+    # x as the MMA's left operand, the folded planes its right one (wgmma on Hopper)
+    ("planes_xa", Config("gemm", block_m=64, block_n=256, block_k=64, split_k=2, num_warps=4, stages=3, dq=4,
+                         swap=False)),  # fmt: skip
+    ("planes_xa_tma", Config("gemm", block_m=128, block_n=256, block_k=128, split_k=1, num_warps=8, stages=3, dq=4,
+                             swap=False, tma=True)),  # fmt: skip
 ]
 
 
@@ -375,6 +380,26 @@ def planes_tma_candidates(m: int, n: int, k: int, sms: int) -> list[tuple[str, C
     return out
 
 
+def planes_xa_candidates(m: int, n: int, k: int, sms: int) -> list[tuple[str, Config]]:
+    """The nibble-plane kernel with ``x`` as the MMA's left operand (one unpack per 64- or 128-row tile, wgmma):
+    64-row tiles on one warpgroup or 128-row tiles on two, 16 or 32 column blocks, 64- or 128-row steps, 2-4
+    stages, TMA or cp.async staging, split along K to fill one wave (configurations that spill in SASS left out)."""
+    if m < 32:
+        return []
+    shapes = [(64, 32, 4, 64, 3), (64, 32, 4, 128, 2), (64, 32, 4, 128, 3), (64, 16, 4, 128, 3),
+              (128, 32, 8, 64, 4), (128, 32, 8, 128, 3)]  # fmt: skip
+    out = []
+    for bm, bn8, warps, bk, stages in shapes:
+        for tma in (True, False) if (bm, bk) == (64, 64) else (True,):
+            cfg = planes_config(m, n, k, GROUP, sms, fold=True, block_m=bm, bn8=bn8, warps=warps, stages=stages,
+                                block_k=bk, tma=tma, x_operand=True)  # fmt: skip
+            label = f"planes_xa bm{bm} bn8{bn8} w{warps} bk{bk} st{stages}{' tma' if tma else ''}"
+            out.append((f"{label} split{cfg.split_k}", cfg))
+            if (bm, bn8, bk, stages) == (64, 32, 128, 3) and k // bk >= 8 * cfg.split_k:  # twice the one-wave split
+                out.append((f"{label} split{2 * cfg.split_k}", replace(cfg, split_k=2 * cfg.split_k)))
+    return out
+
+
 def session8_rule(m: int, n: int, k: int, sms: int) -> list[tuple[str, Config]]:
     """What :func:`pick_config` chose for 2 <= M <= 16 before the TMA-staged plane kernel (session 9), as a
     candidate: the A/B of the rule change on any shape."""
@@ -389,8 +414,10 @@ def sweep_jobs(shapes, sms: int, ms=SWEEP_MS) -> list[tuple]:
     for name, k, n in shapes:
         for m in ms:
             base = pick_config(m, n, k, GROUP, sms)
-            cands = (gemv_candidates(m, n, k, sms) if m <= 2 else []) + planes_tma_candidates(m, n, k, sms)
-            cands += session8_rule(m, n, k, sms)
+            cands = (gemv_candidates(m, n, k, sms) if m <= 2 else []) + session8_rule(m, n, k, sms)
+            # from M = 32 the row-tile kernels: x as the MMA's left operand (session 10; the swapped plane kernel's
+            # TMA tiles there were swept in session 9)
+            cands += planes_tma_candidates(m, n, k, sms) if m <= 16 else planes_xa_candidates(m, n, k, sms)
             third = max(1, len(cands) // 3)
             for i, (label, cfg) in enumerate(cands):
                 if i % third == 0:
@@ -430,20 +457,25 @@ def sweep(jobs, log, deadline: float) -> list[dict]:
         qw, qz, sc = random_awq(k, n, GROUP)
         ncopy = copies_for(weight_bytes(k, n, GROUP))
         copies = [(qw, qz, sc)] + [(qw.clone(), qz.clone(), sc.clone()) for _ in range(ncopy - 1)]
-        xs = {}
+        w = fmt.dequantize(qw, qz, sc, GROUP, torch.float32)
+        xs, refs = {}, {}
         best, base = {}, {}
         for _, _, _, m, cfg, label in js:
             if time.time() > shape_deadline:
                 log(f"  sweep {name}: deadline reached, stopping")
                 break
             x = xs.setdefault(m, torch.randn(m, k, device=DEV, dtype=torch.bfloat16))
+            ref = refs.setdefault(m, x.float() @ w)
             try:
+                err = rel_err(run_config(cfg, x, qw, qz, sc, GROUP), ref)
                 calls = [lambda c=c, cfg=cfg, x=x: run_config(cfg, x, *c, GROUP) for c in copies]
                 us = time_calls(calls, target_ms=2.0, replays=7)
             except Exception as e:  # a config that does not compile (e.g. too much shared memory) is skipped
                 log(f"  sweep {name} M={m} {label}: {type(e).__name__}: {str(e)[:120]}")
                 continue
-            out.append(dict(name=name, K=k, N=n, M=m, label=label, us=us, config=str(cfg)))
+            if not err < 1.2e-2:
+                log(f"  FAIL sweep {name} M={m} {label}: rel err {err:.2e}")
+            out.append(dict(name=name, K=k, N=n, M=m, label=label, us=us, rel_err=err, config=str(cfg)))
             if label == "base":
                 base[m] = min(base.get(m, float("inf")), us)
             else:
@@ -451,7 +483,7 @@ def sweep(jobs, log, deadline: float) -> list[dict]:
         for m, (us, label) in sorted(best.items()):
             b = base.get(m, float("nan"))
             log(f"  sweep {name:16s} M={m:5d} base {b:8.2f}  best {us:8.2f} us  x{b / us:4.2f}  {label}")
-        del copies
+        del copies, w, refs
         torch.cuda.empty_cache()
     return out
 

@@ -115,6 +115,20 @@ PATHS = {
         128,
         160,
     ),
+    # x as the MMA's left operand, the folded planes its right one: row tiles walked M fastest, split-K, TMA
+    "planes_xa_splitk": (
+        Config("gemm", block_m=32, block_n=128, block_k=32, split_k=2, num_warps=4, stages=2, dq=4, swap=False),
+        70,
+        128,
+        136,
+    ),
+    "planes_xa_tma": (
+        Config("gemm", block_m=64, block_n=128, block_k=64, split_k=1, num_warps=4, stages=3, dq=4, swap=False,
+               tma=True),  # fmt: skip
+        33,
+        128,
+        224,
+    ),
 }
 
 

@@ -41,7 +41,8 @@ class Config:
     split_k: int = 1
     num_warps: int = 4
     stages: int = 1
-    swap: bool = True
+    swap: bool = True  # tensor-core kernels: the weight is the MMA's left operand ((W^T x^T)^T); False: x is
+    # (the nibble-plane kernel then folds (q - z) s: one unpack serves a whole row tile)
     dq: int = 1  # GEMM dequantization: 1 = "1 + q/16" form (block_k = group size), 0 = (q - z) * s per weight,
     # 3 = nibble-plane kernel with the per-step fp32 correction, 4 = nibble-plane kernel with (q - z) s folded
     # into the A operand (gemm.gemm_planes; block_n = 8 x column blocks)
@@ -109,6 +110,7 @@ def planes_config(
     block_k: int = 64,
     maxnreg: int = 0,
     tma: bool = False,
+    x_operand: bool = False,
 ) -> Config:
     """A nibble-plane launch (:func:`gemm.gemm_planes`), split along K by :func:`wave_split` (one wave of the
     programs that registers — ``PLANES_WARPS_PER_SM // warps``, or what ``maxnreg`` allows — and shared memory let
@@ -116,7 +118,8 @@ def planes_config(
     sweeps).
 
     ``bn8`` AutoAWQ column blocks (8 outputs each) per program: 16 per warp keeps one warp's MMA rows its own (16
-    rows per warp for mma.sync, 64 per warpgroup for wgmma), so no warp unpacks a plane another warp also unpacks."""
+    rows per warp for mma.sync, 64 per warpgroup for wgmma), so no warp unpacks a plane another warp also unpacks.
+    ``x_operand``: ``x`` is the MMA's left operand and the folded planes its right one (``Config.swap=False``)."""
     block_k = min(block_k, group_size)
     steps = max(1, k // block_k)
     tiles = triton.cdiv(n // 8, bn8) * triton.cdiv(m, block_m)
@@ -127,7 +130,8 @@ def planes_config(
         by_smem = SMEM_PER_SM // planes_smem(block_m, bn8, block_k, stages)
         split = wave_split(tiles, steps, sms, max(1, min(by_regs, by_smem)))
     return Config("gemm", block_m=block_m, block_n=8 * bn8, block_k=block_k, split_k=split, num_warps=warps,
-                  stages=stages, dq=4 if fold else 3, maxnreg=maxnreg, tma=tma)  # fmt: skip
+                  stages=stages, dq=4 if fold or x_operand else 3, maxnreg=maxnreg, tma=tma,
+                  swap=not x_operand)  # fmt: skip
 
 
 def gemv_config(
@@ -243,7 +247,7 @@ def run_config(
             x, qweight, qzeros, scales, group_size, bias,
             block_m=cfg.block_m, block_n=cfg.block_n, block_k=min(cfg.block_k, group_size), split_k=cfg.split_k,
             num_warps=cfg.num_warps, stages=cfg.stages, fold=cfg.dq == 4, maxnreg=cfg.maxnreg, tma=tma,
-            partials=partials,
+            x_operand=not cfg.swap, partials=partials,
         )  # fmt: skip
     if cfg.kernel == "gemm":
         block_k = cfg.block_k

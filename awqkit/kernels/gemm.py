@@ -297,6 +297,27 @@ def _sub_mul_pairs(f, z, s, F16: tl.constexpr):
 
 
 @triton.jit
+def _plane_xa(acc, w, xa, zw, s_ptr, g, offs_j, mask_j, N, C: tl.constexpr, BASE: tl.constexpr,
+              ASM: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
+    """One nibble plane with ``x`` as the MMA's left operand: ``acc [BM, BN8] += x [BM, BK] @ (q - z) s [BK, BN8]``
+    for columns ``8 j + COL`` (``w [BK, BN8]``: whole words, as :func:`_plane`)."""
+    COL: tl.constexpr = 2 * (C % 4) + C // 4
+    sc = tl.load(s_ptr + g * N + offs_j * 8 + COL, mask=mask_j, other=0.0)
+    if ASM:
+        # BASE + z built by its bits (the exponent of BASE ORed over the nibble), as the planes are: no conversion
+        zb = (((zw >> (4 * C)) & 0xF) | (0x6400 if BASE == 1024.0 else 0x4300)).to(tl.int16)
+        f = _nibble_pairs(w, C, BASE == 1024.0)
+        b = _sub_mul_pairs(f, zb.to(xa.dtype, bitcast=True)[None, :], sc.to(xa.dtype)[None, :], BASE == 1024.0)
+    else:
+        zc = ((zw >> (4 * C)) & 0xF).to(tl.float32) + BASE
+        b = (((w >> (4 * C)) & 0xF).to(tl.float32) + BASE - zc[None, :]) * sc.to(tl.float32)[None, :]
+        b = b.to(tl.bfloat16) if BASE == 128.0 else b.to(tl.float16)  # one rounding, like the GPU's product
+        if DOT_F32:
+            b = b.to(tl.float32)
+    return tl.dot(xa, b, acc)
+
+
+@triton.jit
 def _plane(acc, w, xt, sx, zw, s_ptr, g, offs_j, mask_j, N, C: tl.constexpr, BASE: tl.constexpr,
            ASM: tl.constexpr, DOT_F32: tl.constexpr, FOLD: tl.constexpr):  # fmt: skip
     """One nibble plane: columns ``8 j + COL`` of the tile, ``acc += s (x @ (BASE + q) - (BASE + z) sum x)``.
@@ -411,6 +432,74 @@ def _gemm_planes_kernel(
         tl.store(out_ptr + offs_m[None, :] * stride_om + offs_n[:, None], t.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit(do_not_specialize=["M", "stride_os"])
+def _gemm_planes_xa_kernel(
+    x_ptr, qw_ptr, w_desc, qz_ptr, s_ptr, out_ptr, bias_ptr,
+    M, N, N8, K, k_split, stride_xm, stride_os, stride_om,
+    G: tl.constexpr, BM: tl.constexpr, BN8: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
+    TO_WORKSPACE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, ASM: tl.constexpr,
+    PDL: tl.constexpr, TMA: tl.constexpr,
+):  # fmt: skip
+    """The nibble-plane GEMM the other way round, for M of a few dozen rows and up: ``x [BM, BK]`` is the MMA's left
+    operand and each folded plane ``(q - z) s [BK, BN8]`` its right one, so one unpack of a words tile serves all
+    ``BM`` rows (on Hopper, ``BM`` >= 64 with 4 warps a warpgroup: wgmma, the plane stored once to shared memory
+    and read by every warpgroup). Programs walk M fastest so that the row tiles sharing a words tile run together
+    (its second read hits L2)."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BM)
+    pid_m = pid % num_pid_m
+    pid_n = pid // num_pid_m
+    offs_j = pid_n * BN8 + tl.arange(0, BN8)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_k = tl.arange(0, BK)
+    mask_j = offs_j < N8
+    mask_m = offs_m < M
+    BASE: tl.constexpr = 128.0 if x_ptr.dtype.element_ty == tl.bfloat16 else 1024.0
+
+    k_begin = pid_k * k_split
+    k_end = tl.minimum(k_begin + k_split, K)
+    acc0 = tl.zeros([BM, BN8], dtype=tl.float32)
+    acc1 = tl.zeros([BM, BN8], dtype=tl.float32)
+    acc2 = tl.zeros([BM, BN8], dtype=tl.float32)
+    acc3 = tl.zeros([BM, BN8], dtype=tl.float32)
+    acc4 = tl.zeros([BM, BN8], dtype=tl.float32)
+    acc5 = tl.zeros([BM, BN8], dtype=tl.float32)
+    acc6 = tl.zeros([BM, BN8], dtype=tl.float32)
+    acc7 = tl.zeros([BM, BN8], dtype=tl.float32)
+    pdl_sync(PDL)
+    for k0 in tl.range(k_begin, k_end, BK, num_stages=STAGES):
+        if TMA:
+            w = w_desc.load([k0, pid_n * BN8])
+        else:
+            w = tl.load(qw_ptr + (k0 + offs_k)[:, None] * N8 + offs_j[None, :], mask=mask_j[None, :], other=0)
+        xa = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :], mask=mask_m[:, None], other=0.0)
+        if DOT_F32:  # Triton's CPU interpreter multiplies bf16 tiles wrongly; fp32 holds them exactly
+            xa = xa.to(tl.float32)
+        g = k0 // G
+        zw = tl.load(qz_ptr + g * N8 + offs_j, mask=mask_j, other=0)
+        acc0 = _plane_xa(acc0, w, xa, zw, s_ptr, g, offs_j, mask_j, N, 0, BASE, ASM, DOT_F32)
+        acc1 = _plane_xa(acc1, w, xa, zw, s_ptr, g, offs_j, mask_j, N, 1, BASE, ASM, DOT_F32)
+        acc2 = _plane_xa(acc2, w, xa, zw, s_ptr, g, offs_j, mask_j, N, 2, BASE, ASM, DOT_F32)
+        acc3 = _plane_xa(acc3, w, xa, zw, s_ptr, g, offs_j, mask_j, N, 3, BASE, ASM, DOT_F32)
+        acc4 = _plane_xa(acc4, w, xa, zw, s_ptr, g, offs_j, mask_j, N, 4, BASE, ASM, DOT_F32)
+        acc5 = _plane_xa(acc5, w, xa, zw, s_ptr, g, offs_j, mask_j, N, 5, BASE, ASM, DOT_F32)
+        acc6 = _plane_xa(acc6, w, xa, zw, s_ptr, g, offs_j, mask_j, N, 6, BASE, ASM, DOT_F32)
+        acc7 = _plane_xa(acc7, w, xa, zw, s_ptr, g, offs_j, mask_j, N, 7, BASE, ASM, DOT_F32)
+
+    # natural column order, as in _gemm_planes_kernel: t[m, j, h, b, a] is column 8 j + 4 a + 2 b + h
+    t = tl.join(tl.join(tl.join(acc0, acc4), tl.join(acc1, acc5)), tl.join(tl.join(acc2, acc6), tl.join(acc3, acc7)))
+    t = tl.reshape(tl.permute(t, (0, 1, 4, 3, 2)), (BM, 8 * BN8))
+    offs_n = pid_n * (8 * BN8) + tl.arange(0, 8 * BN8)
+    mask = mask_m[:, None] & (offs_n < N)[None, :]
+    if TO_WORKSPACE:
+        tl.store(out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :], t, mask=mask)
+    else:
+        if HAS_BIAS:
+            t += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], t.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 def gemm_planes(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -428,17 +517,21 @@ def gemm_planes(
     fold: bool = False,
     maxnreg: int = 0,
     tma: bool = False,
+    x_operand: bool = False,
     partials: bool = False,
 ) -> torch.Tensor | Partials:
     """``x [M, K] @ W (+ bias)`` with the nibble-plane tensor-core kernel (``block_n`` = 8 x column blocks).
 
     ``block_k`` is capped at the group size (a step must lie inside one group). ``maxnreg`` caps the registers per
     thread (more resident warps per SM at the price of some spills; 0 = the compiler's choice, ~255). ``tma``
-    stages the words through the tensor memory accelerator (needs ``N % 32 == 0``: 16-byte rows)."""
+    stages the words through the tensor memory accelerator (needs ``N % 32 == 0``: 16-byte rows). ``x_operand``
+    makes ``x`` the MMA's left operand and the folded planes its right one (:func:`_gemm_planes_xa_kernel`;
+    implies ``fold``)."""
     m, k = x.shape
     n = scales.shape[1]
     block_k = min(block_k, group_size)
     assert group_size % block_k == 0 and k % block_k == 0 and x.stride(1) == 1, (block_k, group_size, k)
+    assert fold or not x_operand, "x as the left operand needs the folded (q - z) s planes"
     bn8 = block_n // 8
     steps = k // block_k
     split_k = max(1, min(split_k, steps))
@@ -447,17 +540,17 @@ def gemm_planes(
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     dest = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
     grid = (triton.cdiv(n // 8, bn8) * triton.cdiv(m, block_m), split_k)
+    assert not tma or n % 32 == 0, "TMA needs 16-byte weight rows (N a multiple of 32)"
+    w_desc = qweight
     if tma:
-        assert n % 32 == 0, "TMA needs 16-byte weight rows (N a multiple of 32)"
         w_desc = TensorDescriptor.from_tensor(qweight, [block_k, bn8])
-    else:
-        w_desc = qweight
-    _gemm_planes_kernel[grid](
+    kernel, flags = (_gemm_planes_xa_kernel, {}) if x_operand else (_gemm_planes_kernel, {"FOLD": fold})
+    kernel[grid](
         x, qweight, w_desc, qzeros, scales, dest, bias if bias is not None else out,
         m, n, n // 8, k, k_split, x.stride(0), m * n, n,
         G=group_size, BM=block_m, BN8=bn8, BK=block_k, STAGES=stages,
         TO_WORKSPACE=split_k > 1, HAS_BIAS=bias is not None, DOT_F32=interpreting(), ASM=not interpreting(),
-        FOLD=fold, TMA=tma, num_warps=num_warps, **({"maxnreg": maxnreg} if maxnreg and not interpreting() else {}),
-        **pdl_launch(x.device),
+        TMA=tma, num_warps=num_warps, **({"maxnreg": maxnreg} if maxnreg and not interpreting() else {}),
+        **flags, **pdl_launch(x.device),
     )  # fmt: skip
     return finish_split_k(dest, out, bias, partials)
