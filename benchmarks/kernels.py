@@ -188,7 +188,7 @@ CHECK_PATHS = [
     # x as the MMA's left operand, the folded planes its right one (wgmma on Hopper)
     ("planes_xa", Config("gemm", block_m=64, block_n=256, block_k=64, split_k=2, num_warps=4, stages=3, dq=4,
                          swap=False)),  # fmt: skip
-    ("planes_xa_tma", Config("gemm", block_m=128, block_n=256, block_k=128, split_k=1, num_warps=8, stages=3, dq=4,
+    ("planes_xa_tma", Config("gemm", block_m=128, block_n=128, block_k=64, split_k=1, num_warps=8, stages=3, dq=4,
                              swap=False, tma=True)),  # fmt: skip
 ]
 
@@ -386,16 +386,18 @@ def planes_xa_candidates(m: int, n: int, k: int, sms: int) -> list[tuple[str, Co
     stages, TMA or cp.async staging, split along K to fill one wave (configurations that spill in SASS left out)."""
     if m < 32:
         return []
-    shapes = [(64, 32, 4, 64, 3), (64, 32, 4, 128, 2), (64, 32, 4, 128, 3), (64, 16, 4, 128, 3),
-              (128, 32, 8, 64, 4), (128, 32, 8, 128, 3)]  # fmt: skip
+    # (rows, column blocks, warps, step, stages, registers): SASS of Triton 3.6 for sm_90, 64-row steps (128 spill):
+    # 255 registers for 32 column blocks (2 four-warp programs per SM), 168 for 16 (3 per SM)
+    shapes = [(64, 32, 4, 64, 3, 0), (64, 32, 4, 64, 2, 0), (64, 16, 4, 64, 3, 168), (64, 16, 4, 64, 4, 168),
+              (128, 32, 8, 64, 3, 0), (128, 32, 8, 64, 2, 0), (128, 16, 8, 64, 3, 0)]  # fmt: skip
     out = []
-    for bm, bn8, warps, bk, stages in shapes:
-        for tma in (True, False) if (bm, bk) == (64, 64) else (True,):
+    for bm, bn8, warps, bk, stages, regs in shapes:
+        for tma in (True, False) if (bm, bn8, stages) == (64, 32, 3) else (True,):
             cfg = planes_config(m, n, k, GROUP, sms, fold=True, block_m=bm, bn8=bn8, warps=warps, stages=stages,
-                                block_k=bk, tma=tma, x_operand=True)  # fmt: skip
+                                block_k=bk, maxnreg=regs, tma=tma, x_operand=True)  # fmt: skip
             label = f"planes_xa bm{bm} bn8{bn8} w{warps} bk{bk} st{stages}{' tma' if tma else ''}"
             out.append((f"{label} split{cfg.split_k}", cfg))
-            if (bm, bn8, bk, stages) == (64, 32, 128, 3) and k // bk >= 8 * cfg.split_k:  # twice the one-wave split
+            if (bm, bn8, stages, tma) == (64, 32, 3, True) and k // bk >= 8 * cfg.split_k:  # twice the wave's split
                 out.append((f"{label} split{2 * cfg.split_k}", replace(cfg, split_k=2 * cfg.split_k)))
     return out
 

@@ -297,24 +297,54 @@ def _sub_mul_pairs(f, z, s, F16: tl.constexpr):
 
 
 @triton.jit
-def _plane_xa(acc, w, xa, zw, s_ptr, g, offs_j, mask_j, N, C: tl.constexpr, BASE: tl.constexpr,
-              ASM: tl.constexpr, DOT_F32: tl.constexpr):  # fmt: skip
-    """One nibble plane with ``x`` as the MMA's left operand: ``acc [BM, BN8] += x [BM, BK] @ (q - z) s [BK, BN8]``
-    for columns ``8 j + COL`` (``w [BK, BN8]``: whole words, as :func:`_plane`)."""
-    COL: tl.constexpr = 2 * (C % 4) + C // 4
-    sc = tl.load(s_ptr + g * N + offs_j * 8 + COL, mask=mask_j, other=0.0)
-    if ASM:
-        # BASE + z built by its bits (the exponent of BASE ORed over the nibble), as the planes are: no conversion
-        zb = (((zw >> (4 * C)) & 0xF) | (0x6400 if BASE == 1024.0 else 0x4300)).to(tl.int16)
-        f = _nibble_pairs(w, C, BASE == 1024.0)
-        b = _sub_mul_pairs(f, zb.to(xa.dtype, bitcast=True)[None, :], sc.to(xa.dtype)[None, :], BASE == 1024.0)
+def _column_pairs(w2, I: tl.constexpr, F16: tl.constexpr):
+    """Columns ``8 j + 2 I`` and ``8 j + 2 I + 1`` of each word as ``BASE + q`` (bf16 0x4300 = 128, fp16 0x6400 =
+    1024): ``w2 [..., 2]`` holds every word twice (a ``join`` of the words with themselves: one register, no copy),
+    so that the asm, given two consecutive elements, returns one bf16x2/f16x2 register. AutoAWQ's order puts those
+    columns in nibbles ``I`` and ``I + 4``, 16 bits apart: one shift and one LOP3 give both (the classic unpack)."""
+    if I == 0:
+        if F16:
+            asm: tl.constexpr = "lop3.b32 $0, $1, 0x000F000F, 0x64006400, 0xEA;"
+        else:
+            asm: tl.constexpr = "lop3.b32 $0, $1, 0x000F000F, 0x43004300, 0xEA;"
+    elif I == 1:
+        if F16:
+            asm: tl.constexpr = "{ .reg .b32 t; shr.b32 t, $1, 4; lop3.b32 $0, t, 0x000F000F, 0x64006400, 0xEA; }"
+        else:
+            asm: tl.constexpr = "{ .reg .b32 t; shr.b32 t, $1, 4; lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xEA; }"
+    elif I == 2:
+        if F16:
+            asm: tl.constexpr = "{ .reg .b32 t; shr.b32 t, $1, 8; lop3.b32 $0, t, 0x000F000F, 0x64006400, 0xEA; }"
+        else:
+            asm: tl.constexpr = "{ .reg .b32 t; shr.b32 t, $1, 8; lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xEA; }"
     else:
-        zc = ((zw >> (4 * C)) & 0xF).to(tl.float32) + BASE
-        b = (((w >> (4 * C)) & 0xF).to(tl.float32) + BASE - zc[None, :]) * sc.to(tl.float32)[None, :]
-        b = b.to(tl.bfloat16) if BASE == 128.0 else b.to(tl.float16)  # one rounding, like the GPU's product
-        if DOT_F32:
-            b = b.to(tl.float32)
-    return tl.dot(xa, b, acc)
+        if F16:
+            asm: tl.constexpr = "{ .reg .b32 t; shr.b32 t, $1, 12; lop3.b32 $0, t, 0x000F000F, 0x64006400, 0xEA; }"
+        else:
+            asm: tl.constexpr = "{ .reg .b32 t; shr.b32 t, $1, 12; lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xEA; }"
+    if F16:
+        return tl.inline_asm_elementwise(asm, "=r,r,r", [w2], dtype=tl.float16, is_pure=True, pack=2)
+    return tl.inline_asm_elementwise(asm, "=r,r,r", [w2], dtype=tl.bfloat16, is_pure=True, pack=2)
+
+
+@triton.jit
+def _folded_pairs(w, zw, s_ptr, g, offs_j, mask_j, N, I: tl.constexpr, BASE: tl.constexpr, ASM: tl.constexpr,
+                  DOT_F32: tl.constexpr):  # fmt: skip
+    """Columns ``8 j + 2 I + (0, 1)`` of the words ``w [BK, BN8]`` as ``(q - z) s [BK, BN8, 2]`` in the activation
+    dtype (fp32 under the interpreter, ``DOT_F32``): ~2 instructions a weight (shift, LOP3, sub, mul per pair)."""
+    offs_c = 2 * I + tl.arange(0, 2)
+    sp = tl.load(s_ptr + g * N + offs_j[:, None] * 8 + offs_c[None, :], mask=mask_j[:, None], other=0.0)
+    if ASM:
+        zp = _column_pairs(tl.join(zw, zw), I, BASE == 1024.0)
+        f = _column_pairs(tl.join(w, w), I, BASE == 1024.0)
+        return _sub_mul_pairs(f, zp[None, :, :], sp[None, :, :], BASE == 1024.0)
+    q = tl.join((w >> (4 * I)) & 0xF, (w >> (4 * I + 16)) & 0xF).to(tl.float32)
+    z = tl.join((zw >> (4 * I)) & 0xF, (zw >> (4 * I + 16)) & 0xF).to(tl.float32)
+    b = (q - z[None, :, :]) * sp.to(tl.float32)[None, :, :]
+    b = b.to(tl.bfloat16) if BASE == 128.0 else b.to(tl.float16)  # one rounding, like the GPU's product
+    if DOT_F32:
+        b = b.to(tl.float32)
+    return b
 
 
 @triton.jit
@@ -440,11 +470,13 @@ def _gemm_planes_xa_kernel(
     TO_WORKSPACE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_F32: tl.constexpr, ASM: tl.constexpr,
     PDL: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
-    """The nibble-plane GEMM the other way round, for M of a few dozen rows and up: ``x [BM, BK]`` is the MMA's left
-    operand and each folded plane ``(q - z) s [BK, BN8]`` its right one, so one unpack of a words tile serves all
-    ``BM`` rows (on Hopper, ``BM`` >= 64 with 4 warps a warpgroup: wgmma, the plane stored once to shared memory
-    and read by every warpgroup). Programs walk M fastest so that the row tiles sharing a words tile run together
-    (its second read hits L2)."""
+    """The tensor-core GEMM for M of a few dozen rows and up: ``x [BM, BK]`` is the MMA's left operand and the
+    folded weight ``(q - z) s`` its right one, built as column pairs (:func:`_folded_pairs`) and joined into the
+    natural ``[BK, 8 BN8]`` tile (a register renaming: each thread holds the eight columns of its words). So one
+    unpack of a words tile serves all ``BM`` rows in one MMA per step (on Hopper, ``BM`` >= 64 with 4 warps a
+    warpgroup: wgmma m64n256 for 256 columns, the tile stored once to shared memory with 16-byte stores and read
+    by every warpgroup; SASS: ~3.5 instructions a weight, 4 barriers a step). Programs walk M fastest so that the
+    row tiles sharing a words tile run together (its second read hits L2)."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BM)
@@ -459,14 +491,7 @@ def _gemm_planes_xa_kernel(
 
     k_begin = pid_k * k_split
     k_end = tl.minimum(k_begin + k_split, K)
-    acc0 = tl.zeros([BM, BN8], dtype=tl.float32)
-    acc1 = tl.zeros([BM, BN8], dtype=tl.float32)
-    acc2 = tl.zeros([BM, BN8], dtype=tl.float32)
-    acc3 = tl.zeros([BM, BN8], dtype=tl.float32)
-    acc4 = tl.zeros([BM, BN8], dtype=tl.float32)
-    acc5 = tl.zeros([BM, BN8], dtype=tl.float32)
-    acc6 = tl.zeros([BM, BN8], dtype=tl.float32)
-    acc7 = tl.zeros([BM, BN8], dtype=tl.float32)
+    acc = tl.zeros([BM, 8 * BN8], dtype=tl.float32)
     pdl_sync(PDL)
     for k0 in tl.range(k_begin, k_end, BK, num_stages=STAGES):
         if TMA:
@@ -478,18 +503,15 @@ def _gemm_planes_xa_kernel(
             xa = xa.to(tl.float32)
         g = k0 // G
         zw = tl.load(qz_ptr + g * N8 + offs_j, mask=mask_j, other=0)
-        acc0 = _plane_xa(acc0, w, xa, zw, s_ptr, g, offs_j, mask_j, N, 0, BASE, ASM, DOT_F32)
-        acc1 = _plane_xa(acc1, w, xa, zw, s_ptr, g, offs_j, mask_j, N, 1, BASE, ASM, DOT_F32)
-        acc2 = _plane_xa(acc2, w, xa, zw, s_ptr, g, offs_j, mask_j, N, 2, BASE, ASM, DOT_F32)
-        acc3 = _plane_xa(acc3, w, xa, zw, s_ptr, g, offs_j, mask_j, N, 3, BASE, ASM, DOT_F32)
-        acc4 = _plane_xa(acc4, w, xa, zw, s_ptr, g, offs_j, mask_j, N, 4, BASE, ASM, DOT_F32)
-        acc5 = _plane_xa(acc5, w, xa, zw, s_ptr, g, offs_j, mask_j, N, 5, BASE, ASM, DOT_F32)
-        acc6 = _plane_xa(acc6, w, xa, zw, s_ptr, g, offs_j, mask_j, N, 6, BASE, ASM, DOT_F32)
-        acc7 = _plane_xa(acc7, w, xa, zw, s_ptr, g, offs_j, mask_j, N, 7, BASE, ASM, DOT_F32)
+        p0 = _folded_pairs(w, zw, s_ptr, g, offs_j, mask_j, N, 0, BASE, ASM, DOT_F32)
+        p1 = _folded_pairs(w, zw, s_ptr, g, offs_j, mask_j, N, 1, BASE, ASM, DOT_F32)
+        p2 = _folded_pairs(w, zw, s_ptr, g, offs_j, mask_j, N, 2, BASE, ASM, DOT_F32)
+        p3 = _folded_pairs(w, zw, s_ptr, g, offs_j, mask_j, N, 3, BASE, ASM, DOT_F32)
+        # t[k, j, h, b, a] is column 8 j + 2 (2 a + b) + h: the natural [BK, 8 BN8] tile, eight columns a thread
+        t = tl.join(tl.join(p0, p1), tl.join(p2, p3))
+        acc = tl.dot(xa, tl.reshape(tl.permute(t, (0, 1, 4, 3, 2)), (BK, 8 * BN8)), acc)
 
-    # natural column order, as in _gemm_planes_kernel: t[m, j, h, b, a] is column 8 j + 4 a + 2 b + h
-    t = tl.join(tl.join(tl.join(acc0, acc4), tl.join(acc1, acc5)), tl.join(tl.join(acc2, acc6), tl.join(acc3, acc7)))
-    t = tl.reshape(tl.permute(t, (0, 1, 4, 3, 2)), (BM, 8 * BN8))
+    t = acc
     offs_n = pid_n * (8 * BN8) + tl.arange(0, 8 * BN8)
     mask = mask_m[:, None] & (offs_n < N)[None, :]
     if TO_WORKSPACE:
