@@ -323,8 +323,10 @@ def _column_pairs(w2, I: tl.constexpr, F16: tl.constexpr):
         else:
             asm: tl.constexpr = "{ .reg .b32 t; shr.b32 t, $1, 12; lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xEA; }"
     if F16:
-        return tl.inline_asm_elementwise(asm, "=r,r,r", [w2], dtype=tl.float16, is_pure=True, pack=2)
-    return tl.inline_asm_elementwise(asm, "=r,r,r", [w2], dtype=tl.bfloat16, is_pure=True, pack=2)
+        f = tl.inline_asm_elementwise(asm, "=r,r,r", [w2], dtype=tl.float16, is_pure=True, pack=2)
+    else:
+        f = tl.inline_asm_elementwise(asm, "=r,r,r", [w2], dtype=tl.bfloat16, is_pure=True, pack=2)
+    return f
 
 
 @triton.jit
@@ -337,13 +339,14 @@ def _folded_pairs(w, zw, s_ptr, g, offs_j, mask_j, N, I: tl.constexpr, BASE: tl.
     if ASM:
         zp = _column_pairs(tl.join(zw, zw), I, BASE == 1024.0)
         f = _column_pairs(tl.join(w, w), I, BASE == 1024.0)
-        return _sub_mul_pairs(f, zp[None, :, :], sp[None, :, :], BASE == 1024.0)
-    q = tl.join((w >> (4 * I)) & 0xF, (w >> (4 * I + 16)) & 0xF).to(tl.float32)
-    z = tl.join((zw >> (4 * I)) & 0xF, (zw >> (4 * I + 16)) & 0xF).to(tl.float32)
-    b = (q - z[None, :, :]) * sp.to(tl.float32)[None, :, :]
-    b = b.to(tl.bfloat16) if BASE == 128.0 else b.to(tl.float16)  # one rounding, like the GPU's product
-    if DOT_F32:
-        b = b.to(tl.float32)
+        b = _sub_mul_pairs(f, zp[None, :, :], sp[None, :, :], BASE == 1024.0)
+    else:
+        q = tl.join((w >> (4 * I)) & 0xF, (w >> (4 * I + 16)) & 0xF).to(tl.float32)
+        z = tl.join((zw >> (4 * I)) & 0xF, (zw >> (4 * I + 16)) & 0xF).to(tl.float32)
+        b = (q - z[None, :, :]) * sp.to(tl.float32)[None, :, :]
+        b = b.to(tl.bfloat16) if BASE == 128.0 else b.to(tl.float16)  # one rounding, like the GPU's product
+        if DOT_F32:
+            b = b.to(tl.float32)
     return b
 
 
