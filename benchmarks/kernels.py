@@ -387,9 +387,11 @@ def planes_xa_candidates(m: int, n: int, k: int, sms: int) -> list[tuple[str, Co
     if m < 32:
         return []
     # (rows, column blocks, warps, step, stages, registers): SASS of Triton 3.6 for sm_90, 64-row steps (128 spill):
-    # 255 registers for 32 column blocks (2 four-warp programs per SM), 168 for 16 (3 per SM)
+    # 255 registers for 32 column blocks (2 four-warp programs per SM), 168 for 16 (3 per SM); 8 warps: 177 for a
+    # 64-row tile of 32 column blocks (two warpgroups of 128 columns), 255 for 64 column blocks
     shapes = [(64, 32, 4, 64, 3, 0), (64, 32, 4, 64, 2, 0), (64, 16, 4, 64, 3, 168), (64, 16, 4, 64, 4, 168),
-              (128, 32, 8, 64, 3, 0), (128, 32, 8, 64, 2, 0), (128, 16, 8, 64, 3, 0)]  # fmt: skip
+              (64, 32, 8, 64, 3, 0), (64, 64, 8, 64, 3, 0), (128, 32, 8, 64, 3, 0), (128, 32, 8, 64, 2, 0),
+              (128, 16, 8, 64, 3, 0)]  # fmt: skip
     out = []
     for bm, bn8, warps, bk, stages, regs in shapes:
         for tma in (True, False) if (bm, bn8, stages) == (64, 32, 3) else (True,):
