@@ -158,6 +158,7 @@ CHECK_CASES = [  # (M, K, N): quick; N an odd multiple of 8 tests the column mas
     (16, 768, 520),
     (33, 512, 1160),
     (100, 1024, 904),
+    (64, 1024, 1536),  # N a multiple of 32: the TMA paths, and the x-operand kernel as dispatched
     (300, 512, 648),
 ]
 CHECK_PATHS = [

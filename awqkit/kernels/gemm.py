@@ -297,36 +297,26 @@ def _sub_mul_pairs(f, z, s, F16: tl.constexpr):
 
 
 @triton.jit
-def _column_pairs(w2, I: tl.constexpr, F16: tl.constexpr):
-    """Columns ``8 j + 2 I`` and ``8 j + 2 I + 1`` of each word as ``BASE + q`` (bf16 0x4300 = 128, fp16 0x6400 =
-    1024): ``w2 [..., 2]`` holds every word twice (a ``join`` of the words with themselves: one register, no copy),
-    so that the asm, given two consecutive elements, returns one bf16x2/f16x2 register. AutoAWQ's order puts those
-    columns in nibbles ``I`` and ``I + 4``, 16 bits apart: one shift and one LOP3 give both (the classic unpack)."""
-    if I == 0:
-        if F16:
-            asm: tl.constexpr = "lop3.b32 $0, $1, 0x000F000F, 0x64006400, 0xEA;"
-        else:
-            asm: tl.constexpr = "lop3.b32 $0, $1, 0x000F000F, 0x43004300, 0xEA;"
-    elif I == 1:
-        if F16:
-            asm: tl.constexpr = "{ .reg .b32 t; shr.b32 t, $1, 4; lop3.b32 $0, t, 0x000F000F, 0x64006400, 0xEA; }"
-        else:
-            asm: tl.constexpr = "{ .reg .b32 t; shr.b32 t, $1, 4; lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xEA; }"
-    elif I == 2:
-        if F16:
-            asm: tl.constexpr = "{ .reg .b32 t; shr.b32 t, $1, 8; lop3.b32 $0, t, 0x000F000F, 0x64006400, 0xEA; }"
-        else:
-            asm: tl.constexpr = "{ .reg .b32 t; shr.b32 t, $1, 8; lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xEA; }"
-    else:
-        if F16:
-            asm: tl.constexpr = "{ .reg .b32 t; shr.b32 t, $1, 12; lop3.b32 $0, t, 0x000F000F, 0x64006400, 0xEA; }"
-        else:
-            asm: tl.constexpr = "{ .reg .b32 t; shr.b32 t, $1, 12; lop3.b32 $0, t, 0x000F000F, 0x43004300, 0xEA; }"
+def _folded_pair_asm(ws, zp, sp, F16: tl.constexpr):
+    """``(q - z) s`` of columns ``8 j + 2 I`` and ``8 j + 2 I + 1`` of each word, given shifted right by ``4 I``
+    (``ws``), as two tensors (bf16, or fp16 with ``F16``). AutoAWQ's order puts those columns in nibbles ``I`` and
+    ``I + 4``, 16 bits apart, so one LOP3 gives both as ``BASE + q`` halves of one register (the classic unpack;
+    BASE: bf16 0x4300 = 128, fp16 0x6400 = 1024); ``zp`` and ``sp`` hold ``BASE + z`` and ``s`` of the two columns
+    the same way, so a bf16x2/f16x2 sub and mul finish both (``BASE + q - BASE - z`` is exact, one rounding in the
+    product)."""
     if F16:
-        f = tl.inline_asm_elementwise(asm, "=r,r,r", [w2], dtype=tl.float16, is_pure=True, pack=2)
+        lo, hi = tl.inline_asm_elementwise(
+            "{ .reg .b32 t; lop3.b32 t, $2, 0x000F000F, 0x64006400, 0xEA; sub.rn.f16x2 t, t, $3; "
+            "mul.rn.f16x2 t, t, $4; mov.b32 {$0, $1}, t; }",
+            "=h,=h,r,r,r", [ws, zp, sp], dtype=(tl.float16, tl.float16), is_pure=True, pack=1,
+        )  # fmt: skip
     else:
-        f = tl.inline_asm_elementwise(asm, "=r,r,r", [w2], dtype=tl.bfloat16, is_pure=True, pack=2)
-    return f
+        lo, hi = tl.inline_asm_elementwise(
+            "{ .reg .b32 t; lop3.b32 t, $2, 0x000F000F, 0x43004300, 0xEA; sub.rn.bf16x2 t, t, $3; "
+            "mul.rn.bf16x2 t, t, $4; mov.b32 {$0, $1}, t; }",
+            "=h,=h,r,r,r", [ws, zp, sp], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1,
+        )  # fmt: skip
+    return lo, hi
 
 
 @triton.jit
@@ -334,13 +324,16 @@ def _folded_pairs(w, zw, s_ptr, g, offs_j, mask_j, N, I: tl.constexpr, BASE: tl.
                   DOT_F32: tl.constexpr):  # fmt: skip
     """Columns ``8 j + 2 I + (0, 1)`` of the words ``w [BK, BN8]`` as ``(q - z) s [BK, BN8, 2]`` in the activation
     dtype (fp32 under the interpreter, ``DOT_F32``): ~2 instructions a weight (shift, LOP3, sub, mul per pair)."""
-    offs_c = 2 * I + tl.arange(0, 2)
-    sp = tl.load(s_ptr + g * N + offs_j[:, None] * 8 + offs_c[None, :], mask=mask_j[:, None], other=0.0)
     if ASM:
-        zp = _column_pairs(tl.join(zw, zw), I, BASE == 1024.0)
-        f = _column_pairs(tl.join(w, w), I, BASE == 1024.0)
-        b = _sub_mul_pairs(f, zp[None, :, :], sp[None, :, :], BASE == 1024.0)
+        # BASE + z of both columns by their bits, and both scales as one 32-bit word of the scales row
+        zp = ((zw >> (4 * I)) & 0x000F000F) | (0x64006400 if BASE == 1024.0 else 0x43004300)
+        s32 = s_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+        sp = tl.load(s32 + g * (N // 2) + offs_j * 4 + I, mask=mask_j, other=0)
+        lo, hi = _folded_pair_asm(w >> (4 * I), zp[None, :], sp[None, :], BASE == 1024.0)
+        b = tl.join(lo, hi)
     else:
+        offs_c = 2 * I + tl.arange(0, 2)
+        sp = tl.load(s_ptr + g * N + offs_j[:, None] * 8 + offs_c[None, :], mask=mask_j[:, None], other=0.0)
         q = tl.join((w >> (4 * I)) & 0xF, (w >> (4 * I + 16)) & 0xF).to(tl.float32)
         z = tl.join((zw >> (4 * I)) & 0xF, (zw >> (4 * I + 16)) & 0xF).to(tl.float32)
         b = (q - z[None, :, :]) * sp.to(tl.float32)[None, :, :]
