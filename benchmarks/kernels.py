@@ -186,7 +186,7 @@ CHECK_PATHS = [
                           tma=True)),  # fmt: skip
     ("planes_fold_tma", Config("gemm", block_m=16, block_n=512, block_k=64, split_k=2, num_warps=4, stages=4, dq=4,
                                tma=True)),  # fmt: skip
-    # x as the MMA's left operand, the folded planes its right one (wgmma on Hopper)
+    # x as the MMA's left operand, the folded weight its right one (wgmma on Hopper; not dispatched yet)
     ("planes_xa", Config("gemm", block_m=64, block_n=256, block_k=64, split_k=2, num_warps=4, stages=3, dq=4,
                          swap=False)),  # fmt: skip
     ("planes_xa_tma", Config("gemm", block_m=128, block_n=128, block_k=64, split_k=1, num_warps=8, stages=3, dq=4,

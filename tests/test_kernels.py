@@ -289,19 +289,6 @@ def test_dispatch_pairs_and_register_cap_rules():
         assert pick_config(m, 3584, 18944, 128, 132).maxnreg == 0  # narrow
 
 
-@pytest.mark.parametrize("m", [33, 64, 100])
-def test_dispatch_x_operand(m):
-    """33 <= M <= 64, and up to 128 on deep layers (K > N): x as the MMA's left operand, as the dispatcher picks it
-    (words by TMA, split along K), against the float reference, fp16 and bf16, with bias; wide layers at M = 100
-    keep the 32-row plane kernel."""
-    k, n, g = 512, 224, 64
-    cfg = pick_config(m, n, k, g, 132)
-    assert (cfg.kernel, cfg.swap, cfg.tma, cfg.block_m) == ("gemm", False, True, 64) and cfg.split_k > 1, cfg
-    for dtype in (torch.float16, torch.bfloat16):
-        _check(cfg, m, k, n, g, dtype, bias=True, seed=13)
-    assert pick_config(100, 37888, 3584, 128, 132).swap  # wide: K < N
-
-
 def test_x_operand_takes_misaligned_scales():
     """A scales view whose base is not 4-byte aligned (the x-operand kernel reads scale pairs as 32-bit words)
     still runs, through the weight-operand kernel, and matches the reference."""
@@ -312,8 +299,8 @@ def test_x_operand_takes_misaligned_scales():
     shifted.copy_(sc)
     x = torch.randn(40, k).to(torch.bfloat16)
     ref = x.double() @ fmt.dequantize(qw, qz, sc, g, torch.float32).double()
-    cfg = pick_config(40, n, k, g, 132)
-    assert not cfg.swap and shifted.data_ptr() % 4
+    cfg = Config("gemm", block_m=64, block_n=128, block_k=64, split_k=2, num_warps=4, stages=3, dq=4, swap=False)
+    assert shifted.data_ptr() % 4
     assert _rel(run_config(cfg, x, qw, qz, shifted, g), ref) < TOL[torch.bfloat16]
 
 

@@ -173,9 +173,7 @@ def pick_config(m: int, n: int, k: int, group_size: int, sms: int) -> Config:
       and the per-step fp32 scale/zero correction.
     * M <= 32: the same kernel with ``(q - z) s`` folded into the operand (the correction's cost grows with the
       row tile), 32-row tiles.
-    * M <= 64 (N a multiple of 32), and M <= 128 on deep layers (K > N): ``x`` as the MMA's left operand and the
-      folded weight its right one (:func:`gemm._gemm_planes_xa_kernel`), 64-row tiles of 128 columns.
-    * Otherwise M <= 64: wide layers keep v3's cp.async ``(q - z) s`` kernel (64x64 tiles); narrow ones use the
+    * M <= 64: wide layers keep v3's cp.async ``(q - z) s`` kernel (64x64 tiles); narrow ones use the
       folded nibble-plane kernel with 32-row tiles (one-wave split).
     * M <= 128 on wide layers: folded nibble-plane kernel, 32-row tiles; otherwise dequantize + cuBLAS.
     """
@@ -211,13 +209,6 @@ def pick_config(m: int, n: int, k: int, group_size: int, sms: int) -> Config:
     fold32 = planes_config(m, n, k, group_size, sms, fold=True, block_m=32, bn8=32, warps=2)
     if m <= 32:
         return fold32
-    if n % 32 == 0 and (m <= SPLITK_MAX_M or (m <= 128 and k > n)):
-        # x as the MMA's left operand: one m64n128 wgmma per 64-row step of a 64-row tile, the weight unpacked
-        # once per tile (163 registers, 3 resident 4-warp programs per SM), words by TMA, one-wave split. Session
-        # 10's H200 sweep (16 shapes of four models): 1.07-1.49x the rules below on 14 of 16 at M = 64 (0.96-0.97x
-        # on two gate_up); at M = 128 1.05-1.35x on the deep layers (K > N, the down projections), mixed elsewhere
-        return planes_config(m, n, k, group_size, sms, fold=True, block_m=64, bn8=16, warps=4, stages=3,
-                             maxnreg=168, tma=True, x_operand=True)  # fmt: skip
     if m <= SPLITK_MAX_M:
         if wide:  # v3's kernel: unpacks the weight once per 64-row tile (the plane kernel twice); N fills the GPU
             tiles = triton.cdiv(m, 64) * triton.cdiv(n, 64)

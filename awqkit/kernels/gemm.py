@@ -322,24 +322,37 @@ def _folded_pair_asm(ws, zp, sp, F16: tl.constexpr):
 @triton.jit
 def _folded_pairs(w, zw, s_ptr, g, offs_j, mask_j, N, I: tl.constexpr, BASE: tl.constexpr, ASM: tl.constexpr,
                   DOT_F32: tl.constexpr):  # fmt: skip
-    """Columns ``8 j + 2 I + (0, 1)`` of the words ``w [BK, BN8]`` as ``(q - z) s [BK, BN8, 2]`` in the activation
-    dtype (fp32 under the interpreter, ``DOT_F32``): ~2 instructions a weight (shift, LOP3, sub, mul per pair)."""
+    """Columns ``8 j + 2 I`` and ``8 j + 2 I + 1`` of the words ``w [BK, BN8]`` as two ``(q - z) s [BK, BN8]`` in the
+    activation dtype (fp32 under the interpreter, ``DOT_F32``): ~2 instructions a weight (shift, LOP3, sub, mul
+    per pair)."""
     if ASM:
         # BASE + z of both columns by their bits, and both scales as one 32-bit word of the scales row
         zp = ((zw >> (4 * I)) & 0x000F000F) | (0x64006400 if BASE == 1024.0 else 0x43004300)
-        s32 = s_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
-        sp = tl.load(s32 + g * (N // 2) + offs_j * 4 + I, mask=mask_j, other=0)
+        if s_ptr.dtype.element_ty == (tl.float16 if BASE == 1024.0 else tl.bfloat16):
+            s32 = s_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+            sp = tl.load(s32 + g * (N // 2) + offs_j * 4 + I, mask=mask_j, other=0)
+        else:  # scales in the other 16-bit type (AutoAWQ's fp16 with bf16 activations): convert, then pack
+            s_row = s_ptr + g * N + offs_j * 8 + 2 * I
+            s_lo = tl.load(s_row, mask=mask_j, other=0.0).to(tl.float16 if BASE == 1024.0 else tl.bfloat16)
+            s_hi = tl.load(s_row + 1, mask=mask_j, other=0.0).to(tl.float16 if BASE == 1024.0 else tl.bfloat16)
+            sp = tl.inline_asm_elementwise("mov.b32 $0, {$1, $2};", "=r,h,h", [s_lo, s_hi], dtype=tl.int32,
+                                           is_pure=True, pack=1)  # fmt: skip
         lo, hi = _folded_pair_asm(w >> (4 * I), zp[None, :], sp[None, :], BASE == 1024.0)
-        b = tl.join(lo, hi)
     else:
-        offs_c = 2 * I + tl.arange(0, 2)
-        sp = tl.load(s_ptr + g * N + offs_j[:, None] * 8 + offs_c[None, :], mask=mask_j[:, None], other=0.0)
-        q = tl.join((w >> (4 * I)) & 0xF, (w >> (4 * I + 16)) & 0xF).to(tl.float32)
-        z = tl.join((zw >> (4 * I)) & 0xF, (zw >> (4 * I + 16)) & 0xF).to(tl.float32)
-        b = (q - z[None, :, :]) * sp.to(tl.float32)[None, :, :]
-        b = b.to(tl.bfloat16) if BASE == 128.0 else b.to(tl.float16)  # one rounding, like the GPU's product
-        if DOT_F32:
-            b = b.to(tl.float32)
+        lo = _folded_nibble(w, zw, s_ptr, g, offs_j, mask_j, N, I, 2 * I, BASE, DOT_F32)
+        hi = _folded_nibble(w, zw, s_ptr, g, offs_j, mask_j, N, I + 4, 2 * I + 1, BASE, DOT_F32)
+    return lo, hi
+
+
+@triton.jit
+def _folded_nibble(w, zw, s_ptr, g, offs_j, mask_j, N, C: tl.constexpr, COL: tl.constexpr, BASE: tl.constexpr,
+                   DOT_F32: tl.constexpr):  # fmt: skip
+    """Plain-Triton ``(q - z) s`` of nibble ``C`` (column ``8 j + COL``), for the interpreter."""
+    sc = tl.load(s_ptr + g * N + offs_j * 8 + COL, mask=mask_j, other=0.0).to(tl.float32)
+    b = (((w >> (4 * C)) & 0xF) - ((zw >> (4 * C)) & 0xF)[None, :]).to(tl.float32) * sc[None, :]
+    b = b.to(tl.bfloat16) if BASE == 128.0 else b.to(tl.float16)  # one rounding, like the GPU's product
+    if DOT_F32:
+        b = b.to(tl.float32)
     return b
 
 
@@ -499,13 +512,14 @@ def _gemm_planes_xa_kernel(
             xa = xa.to(tl.float32)
         g = k0 // G
         zw = tl.load(qz_ptr + g * N8 + offs_j, mask=mask_j, other=0)
-        p0 = _folded_pairs(w, zw, s_ptr, g, offs_j, mask_j, N, 0, BASE, ASM, DOT_F32)
-        p1 = _folded_pairs(w, zw, s_ptr, g, offs_j, mask_j, N, 1, BASE, ASM, DOT_F32)
-        p2 = _folded_pairs(w, zw, s_ptr, g, offs_j, mask_j, N, 2, BASE, ASM, DOT_F32)
-        p3 = _folded_pairs(w, zw, s_ptr, g, offs_j, mask_j, N, 3, BASE, ASM, DOT_F32)
-        # t[k, j, h, b, a] is column 8 j + 2 (2 a + b) + h: the natural [BK, 8 BN8] tile, eight columns a thread
-        t = tl.join(tl.join(p0, p1), tl.join(p2, p3))
-        acc = tl.dot(xa, tl.reshape(tl.permute(t, (0, 1, 4, 3, 2)), (BK, 8 * BN8)), acc)
+        l0, h0 = _folded_pairs(w, zw, s_ptr, g, offs_j, mask_j, N, 0, BASE, ASM, DOT_F32)
+        l1, h1 = _folded_pairs(w, zw, s_ptr, g, offs_j, mask_j, N, 1, BASE, ASM, DOT_F32)
+        l2, h2 = _folded_pairs(w, zw, s_ptr, g, offs_j, mask_j, N, 2, BASE, ASM, DOT_F32)
+        l3, h3 = _folded_pairs(w, zw, s_ptr, g, offs_j, mask_j, N, 3, BASE, ASM, DOT_F32)
+        # each join appends a last axis: t[k, j, a, b, h] is column 8 j + 2 (2 a + b) + h, so the reshape alone
+        # gives the natural [BK, 8 BN8] tile, eight columns a thread (no permute)
+        t = tl.join(tl.join(tl.join(l0, l2), tl.join(l1, l3)), tl.join(tl.join(h0, h2), tl.join(h1, h3)))
+        acc = tl.dot(xa, tl.reshape(t, (BK, 8 * BN8)), acc)
 
     t = acc
     offs_n = pid_n * (8 * BN8) + tl.arange(0, 8 * BN8)
