@@ -394,6 +394,26 @@ def _plane(acc, w, xt, sx, zw, s_ptr, g, offs_j, mask_j, N, C: tl.constexpr, BAS
     return acc + sc[:, None] * d - (sc * zc)[:, None] * sx[None, :]
 
 
+@triton.jit
+def _program_tile(M, N8, K, k_split, BM: tl.constexpr, BN8: tl.constexpr, BK: tl.constexpr, M_FASTEST: tl.constexpr):
+    """This program's row tile, column blocks and K slice: ``(offs_m, offs_j, offs_k, mask_m, mask_j, pid_n,
+    pid_k, k_begin, k_end)``. Programs walk N fastest, or M (``M_FASTEST``: the row tiles sharing a words tile
+    run together, so its second read hits L2)."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    if M_FASTEST:
+        pid_m = pid % tl.cdiv(M, BM)
+        pid_n = pid // tl.cdiv(M, BM)
+    else:
+        pid_n = pid % tl.cdiv(N8, BN8)
+        pid_m = pid // tl.cdiv(N8, BN8)
+    offs_j = pid_n * BN8 + tl.arange(0, BN8)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    k_begin = pid_k * k_split
+    k_end = tl.minimum(k_begin + k_split, K)
+    return offs_m, offs_j, tl.arange(0, BK), offs_m < M, offs_j < N8, pid_n, pid_k, k_begin, k_end
+
+
 @triton.jit(do_not_specialize=["M", "stride_os"])
 def _gemm_planes_kernel(
     x_ptr, qw_ptr, w_desc, qz_ptr, s_ptr, out_ptr, bias_ptr,
@@ -411,20 +431,10 @@ def _gemm_planes_kernel(
     sees the exact integers ``BASE + q``. With ``TMA`` the words tile is copied into shared memory by the tensor
     memory accelerator (``w_desc``, ``[BK, BN8]`` boxes, ``STAGES - 1`` steps ahead) instead of by cp.async.
     """
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    num_pid_n = tl.cdiv(N8, BN8)
-    pid_n = pid % num_pid_n
-    pid_m = pid // num_pid_n
-    offs_j = pid_n * BN8 + tl.arange(0, BN8)
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_k = tl.arange(0, BK)
-    mask_j = offs_j < N8
-    mask_m = offs_m < M
+    offs_m, offs_j, offs_k, mask_m, mask_j, pid_n, pid_k, k_begin, k_end = _program_tile(
+        M, N8, K, k_split, BM, BN8, BK, False
+    )
     BASE: tl.constexpr = 128.0 if x_ptr.dtype.element_ty == tl.bfloat16 else 1024.0
-
-    k_begin = pid_k * k_split
-    k_end = tl.minimum(k_begin + k_split, K)
     acc0 = tl.zeros([BN8, BM], dtype=tl.float32)
     acc1 = tl.zeros([BN8, BM], dtype=tl.float32)
     acc2 = tl.zeros([BN8, BM], dtype=tl.float32)
@@ -486,20 +496,10 @@ def _gemm_planes_xa_kernel(
     warpgroup: wgmma m64n256 for 256 columns, the tile stored once to shared memory with 16-byte stores and read
     by every warpgroup; SASS: ~3.5 instructions a weight, 4 barriers a step). Programs walk M fastest so that the
     row tiles sharing a words tile run together (its second read hits L2)."""
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    num_pid_m = tl.cdiv(M, BM)
-    pid_m = pid % num_pid_m
-    pid_n = pid // num_pid_m
-    offs_j = pid_n * BN8 + tl.arange(0, BN8)
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_k = tl.arange(0, BK)
-    mask_j = offs_j < N8
-    mask_m = offs_m < M
+    offs_m, offs_j, offs_k, mask_m, mask_j, pid_n, pid_k, k_begin, k_end = _program_tile(
+        M, N8, K, k_split, BM, BN8, BK, True
+    )
     BASE: tl.constexpr = 128.0 if x_ptr.dtype.element_ty == tl.bfloat16 else 1024.0
-
-    k_begin = pid_k * k_split
-    k_end = tl.minimum(k_begin + k_split, K)
     acc = tl.zeros([BM, 8 * BN8], dtype=tl.float32)
     pdl_sync(PDL)
     for k0 in tl.range(k_begin, k_end, BK, num_stages=STAGES):
