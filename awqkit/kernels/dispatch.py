@@ -183,7 +183,7 @@ def pick_config(m: int, n: int, k: int, group_size: int, sms: int) -> Config:
         # one-warp programs per SM, each step's rows prefetched into L2 one step ahead: session 7's H200 sweep, 8
         # shapes (Qwen2-7B and held-out Llama-3-8B), 6-10 % faster than without the look-ahead on every one
         # Layers of >= 8M weights also unpack two nibbles per rotated word (1.5 instead of 2 unpack instructions a
-        # weight; the kernel is issue-bound): session 10's H200 sweep, 2.3-5.6 % faster on all 12 such layers of
+        # weight, 12 % fewer loop instructions): session 10's H200 sweep, 2.3-5.6 % faster on all 12 such layers of
         # Qwen2-7B, Llama-3-8B and Qwen2.5-14B; on Qwen2.5-1.5B's 2-3M-weight qkv / o, where launch and tail
         # dominate, 5-7 % slower, so those keep the plain unpack
         cfg = gemv_config(m, n, k, sms, block_n=256, warps=1, rows=8, pps=32, lookahead=1)
@@ -198,7 +198,7 @@ def pick_config(m: int, n: int, k: int, group_size: int, sms: int) -> Config:
             # wide layers whose one wave has room for more programs: the same tile capped at 168 registers (12
             # instead of 8 resident warps per SM, no spills). Session 10's sweep: 1.02-1.09x on the gate_up of
             # Qwen2-7B, Llama-3-8B and Qwen2.5-14B at every M = 2-16; where the cap adds no programs (Qwen2.5-1.5B
-            # gate_up, split bound by K steps) and on narrow layers (down: more splits, no gain) it is 5-20 % slower
+            # gate_up, split bound by K steps) and on narrow layers (down: more splits, no gain) it is 5-23 % slower
             capped = planes_config(m, n, k, group_size, sms, fold=True, block_m=16, bn8=32, warps=2, stages=3,
                                    maxnreg=168, tma=True)  # fmt: skip
             if capped.split_k > cfg.split_k:
