@@ -173,8 +173,8 @@ def pick_config(m: int, n: int, k: int, group_size: int, sms: int) -> Config:
       and the per-step fp32 scale/zero correction.
     * M <= 32: the same kernel with ``(q - z) s`` folded into the operand (the correction's cost grows with the
       row tile), 32-row tiles.
-    * M <= 64: wide layers keep v3's cp.async ``(q - z) s`` kernel (64x64 tiles); narrow ones use the
-      folded nibble-plane kernel with 32-row tiles (one-wave split).
+    * M <= 64: wide layers keep v3's cp.async ``(q - z) s`` kernel (64x64 tiles); narrow ones use the folded
+      nibble-plane kernel with 32-row tiles (one-wave split).
     * M <= 128 on wide layers: folded nibble-plane kernel, 32-row tiles; otherwise dequantize + cuBLAS.
     """
     wide = n >= WIDE_N

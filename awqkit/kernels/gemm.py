@@ -326,15 +326,16 @@ def _folded_pairs(w, zw, s_ptr, g, offs_j, mask_j, N, I: tl.constexpr, BASE: tl.
     activation dtype (fp32 under the interpreter, ``DOT_F32``): ~2 instructions a weight (shift, LOP3, sub, mul
     per pair)."""
     if ASM:
+        ACT: tl.constexpr = tl.float16 if BASE == 1024.0 else tl.bfloat16  # the activation dtype
         # BASE + z of both columns by their bits, and both scales as one 32-bit word of the scales row
         zp = ((zw >> (4 * I)) & 0x000F000F) | (0x64006400 if BASE == 1024.0 else 0x43004300)
-        if s_ptr.dtype.element_ty == (tl.float16 if BASE == 1024.0 else tl.bfloat16):
+        if s_ptr.dtype.element_ty == ACT:
             s32 = s_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
             sp = tl.load(s32 + g * (N // 2) + offs_j * 4 + I, mask=mask_j, other=0)
         else:  # scales in the other 16-bit type (AutoAWQ's fp16 with bf16 activations): convert, then pack
             s_row = s_ptr + g * N + offs_j * 8 + 2 * I
-            s_lo = tl.load(s_row, mask=mask_j, other=0.0).to(tl.float16 if BASE == 1024.0 else tl.bfloat16)
-            s_hi = tl.load(s_row + 1, mask=mask_j, other=0.0).to(tl.float16 if BASE == 1024.0 else tl.bfloat16)
+            s_lo = tl.load(s_row, mask=mask_j, other=0.0).to(ACT)
+            s_hi = tl.load(s_row + 1, mask=mask_j, other=0.0).to(ACT)
             sp = tl.inline_asm_elementwise("mov.b32 $0, {$1, $2};", "=r,h,h", [s_lo, s_hi], dtype=tl.int32,
                                            is_pure=True, pack=1)  # fmt: skip
         lo, hi = _folded_pair_asm(w >> (4 * I), zp[None, :], sp[None, :], BASE == 1024.0)
@@ -521,15 +522,14 @@ def _gemm_planes_xa_kernel(
         t = tl.join(tl.join(tl.join(l0, l2), tl.join(l1, l3)), tl.join(tl.join(h0, h2), tl.join(h1, h3)))
         acc = tl.dot(xa, tl.reshape(t, (BK, 8 * BN8)), acc)
 
-    t = acc
     offs_n = pid_n * (8 * BN8) + tl.arange(0, 8 * BN8)
     mask = mask_m[:, None] & (offs_n < N)[None, :]
     if TO_WORKSPACE:
-        tl.store(out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :], t, mask=mask)
+        tl.store(out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :], acc, mask=mask)
     else:
         if HAS_BIAS:
-            t += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], t.to(out_ptr.dtype.element_ty), mask=mask)
+            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def gemm_planes(
