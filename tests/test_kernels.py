@@ -289,9 +289,18 @@ def test_dispatch_pairs_and_register_cap_rules():
         assert pick_config(m, 3584, 18944, 128, 132).maxnreg == 0  # narrow
 
 
-def test_x_operand_takes_misaligned_scales():
+def test_x_operand_takes_misaligned_scales(monkeypatch):
     """A scales view whose base is not 4-byte aligned (the x-operand kernel reads scale pairs as 32-bit words)
     still runs, through the weight-operand kernel, and matches the reference."""
+    gemm_mod = sys.modules["awqkit.kernels.dispatch"].gemm  # the module run_config calls
+    launched = []
+
+    def spy(*args, x_operand=False, **kwargs):
+        launched.append(x_operand)
+        return real(*args, x_operand=x_operand, **kwargs)
+
+    real = gemm_mod.gemm_planes
+    monkeypatch.setattr(gemm_mod, "gemm_planes", spy)
     k, n, g = 256, 224, 64
     qw, qz, sc = _awq(k, n, g, 32)
     storage = torch.empty(sc.numel() + 1, dtype=sc.dtype)
@@ -302,6 +311,8 @@ def test_x_operand_takes_misaligned_scales():
     cfg = Config("gemm", block_m=64, block_n=128, block_k=64, split_k=2, num_warps=4, stages=3, dq=4, swap=False)
     assert shifted.data_ptr() % 4
     assert _rel(run_config(cfg, x, qw, qz, shifted, g), ref) < TOL[torch.bfloat16]
+    assert launched == [False]  # the weight-operand kernel, not the x-operand one
+    assert _rel(run_config(cfg, x, qw, qz, sc, g), ref) < TOL[torch.bfloat16] and launched == [False, True]
 
 
 @pytest.mark.parametrize("m", [2, 5, 16])
