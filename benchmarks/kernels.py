@@ -37,6 +37,7 @@ import triton  # noqa: E402
 from awqkit.formats import gemm as fmt  # noqa: E402
 from awqkit.kernels.common import set_pdl, sm_count  # noqa: E402
 from awqkit.kernels.dispatch import (  # noqa: E402
+    WIDE_N,
     Config,
     gemv_config,
     pick_config,
@@ -57,6 +58,14 @@ HELDOUT_SHAPES = [  # never swept before a rule shipped (Qwen2.5-14B and Qwen2.5
     ("qwen14b_gate_up", 5120, 27648), ("qwen14b_down", 13824, 5120),
     ("qwen1.5b_qkv", 1536, 2048), ("qwen1.5b_o", 1536, 1536),
     ("qwen1.5b_gate_up", 1536, 17920), ("qwen1.5b_down", 8960, 1536),
+]  # fmt: skip
+NEW_HELDOUT_SHAPES = [  # first measured in session 11, after its rule was written (Qwen3-8B, Llama-3.2-3B, Qwen3-4B)
+    ("qwen3_8b_qkv", 4096, 6144), ("qwen3_8b_o", 4096, 4096),
+    ("qwen3_8b_gate_up", 4096, 24576), ("qwen3_8b_down", 12288, 4096),
+    ("llama3b_qkv", 3072, 5120), ("llama3b_o", 3072, 3072),
+    ("llama3b_gate_up", 3072, 16384), ("llama3b_down", 8192, 3072),
+    ("qwen3_4b_qkv", 2560, 6144), ("qwen3_4b_o", 4096, 2560),
+    ("qwen3_4b_gate_up", 2560, 19456), ("qwen3_4b_down", 9728, 2560),
 ]  # fmt: skip
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
 GROUP = 128
@@ -411,6 +420,24 @@ def session8_rule(m: int, n: int, k: int, sms: int) -> list[tuple[str, Config]]:
     return [("session8 rule", small_m_without_tma(m, n, k, GROUP, sms))] if 2 <= m <= 16 else []
 
 
+def session10_rule(m: int, n: int, k: int, sms: int) -> list[tuple[str, Config]]:
+    """What :func:`pick_config` chose for 33 <= M <= 128 before the x-operand kernel was dispatched (session 11), as
+    a candidate: the A/B of that rule change on any shape."""
+    if not 32 < m <= 128:
+        return []
+    wide = n >= WIDE_N
+    if m <= 64 and wide:  # v3's cp.async (q - z) s kernel, 64x64 tiles
+        tiles = triton.cdiv(m, 64) * triton.cdiv(n, 64)
+        split = max(1, min(triton.cdiv(2 * sms, tiles), k // 128))
+        cfg = Config("gemm", block_m=64, block_n=64, block_k=128, split_k=split, num_warps=4, stages=4, swap=False,
+                     dq=0)  # fmt: skip
+    elif m <= 64 or wide:
+        cfg = planes_config(m, n, k, GROUP, sms, fold=True, block_m=32, bn8=32, warps=2)
+    else:
+        cfg = Config("dequant")
+    return [("session10 rule", cfg)]
+
+
 def sweep_jobs(shapes, sms: int, ms=SWEEP_MS) -> list[tuple]:
     """(name, K, N, M, Config, label): the shipped :func:`pick_config` ("base", timed three times spread over the
     shape's jobs, whose spread is the noise) against the GEMV candidates (M <= 2) and the TMA-staged nibble-plane
@@ -420,6 +447,7 @@ def sweep_jobs(shapes, sms: int, ms=SWEEP_MS) -> list[tuple]:
         for m in ms:
             base = pick_config(m, n, k, GROUP, sms)
             cands = (gemv_candidates(m, n, k, sms) if m <= 2 else []) + session8_rule(m, n, k, sms)
+            cands += session10_rule(m, n, k, sms)
             # from M = 32 the row-tile kernels: x as the MMA's left operand (session 10; the swapped plane kernel's
             # TMA tiles there were swept in session 9)
             cands += planes_tma_candidates(m, n, k, sms) if m <= 16 else planes_xa_candidates(m, n, k, sms)
@@ -462,6 +490,7 @@ def sweep(jobs, log, deadline: float) -> list[dict]:
         qw, qz, sc = random_awq(k, n, GROUP)
         ncopy = copies_for(weight_bytes(k, n, GROUP))
         copies = [(qw, qz, sc)] + [(qw.clone(), qz.clone(), sc.clone()) for _ in range(ncopy - 1)]
+        caches = [{} for _ in copies]  # each copy's converted scales, as a layer's KernelState keeps them
         w = fmt.dequantize(qw, qz, sc, GROUP, torch.float32)
         xs, refs = {}, {}
         best, base = {}, {}
@@ -474,8 +503,9 @@ def sweep(jobs, log, deadline: float) -> list[dict]:
                 refs[m] = xs[m].float() @ w
             x, ref = xs[m], refs[m]
             try:
-                err = rel_err(run_config(cfg, x, qw, qz, sc, GROUP), ref)
-                calls = [lambda c=c, cfg=cfg, x=x: run_config(cfg, x, *c, GROUP) for c in copies]
+                err = rel_err(run_config(cfg, x, qw, qz, sc, GROUP, scales_cache=caches[0]), ref)
+                calls = [lambda c=c, d=d, cfg=cfg, x=x: run_config(cfg, x, *c, GROUP, scales_cache=d)
+                         for c, d in zip(copies, caches)]  # fmt: skip
                 us = time_calls(calls, target_ms=2.0, replays=7)
             except Exception as e:  # a config that does not compile (e.g. too much shared memory) is skipped
                 log(f"  sweep {name} M={m} {label}: {type(e).__name__}: {str(e)[:120]}")
@@ -603,6 +633,8 @@ def main() -> int:
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--extra-shapes", action="store_true", help="also benchmark shapes the rules were not tuned on")
     ap.add_argument("--heldout-only", action="store_true", help="only the held-out shapes (Qwen2.5-14B, -1.5B)")
+    ap.add_argument("--new-heldout-only", action="store_true",
+                    help="only session 11's held-out shapes (Qwen3-8B, Llama-3.2-3B, Qwen3-4B)")  # fmt: skip
     ap.add_argument("--ms", default=",".join(map(str, MS)))
     ap.add_argument("--sweep-ms", default=",".join(map(str, SWEEP_MS)), help="M values the sweep times")
     ap.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1))
@@ -620,7 +652,13 @@ def main() -> int:
     log(f"int4 schema: {torch.ops.aten._convert_weight_to_int4pack.default._schema}")
     sms = sm_count(torch.device(DEV))
     ms = [int(v) for v in args.ms.split(",")]
-    shapes = HELDOUT_SHAPES if args.heldout_only else SHAPES + (EXTRA_SHAPES if args.extra_shapes else [])
+    if args.new_heldout_only:
+        shapes = NEW_HELDOUT_SHAPES
+    elif args.heldout_only:
+        shapes = HELDOUT_SHAPES
+    else:
+        shapes = SHAPES + (EXTRA_SHAPES if args.extra_shapes else [])
+    models = [shapes[i : i + 4] for i in range(0, len(shapes), 4)]  # four layers a model
     jobs = sweep_jobs(shapes, sms, [int(v) for v in args.sweep_ms.split(",")]) if args.sweep else []
     # compile everything the run will time in parallel processes first (Triton's disk cache is shared), and run
     # the correctness checks there too: compilation, not the GPU, is the long part of a fresh machine's run
@@ -648,16 +686,14 @@ def main() -> int:
         for r in bad:
             log(f"  FAIL benchmark output {r['name']} M={r['M']} rel err {r['awqkit_rel_err']:.2e} {r['config']}")
         ok &= not bad
-        summary = summarize(rows, HELDOUT_SHAPES[:4] if args.heldout_only else SHAPES, log)
-        if args.heldout_only:
-            summarize(rows, HELDOUT_SHAPES[4:], log)
-        if args.extra_shapes:
-            summarize(rows, EXTRA_SHAPES, log)
+        summary = summarize(rows, models[0], log)
+        for model in models[1:]:
+            summarize(rows, model, log)
         doc = dict(**meta, rows=rows, group_size=GROUP, copy_GBps=round(copy_gbps, 1), correctness_ok=ok,
                    summary={str(k): v for k, v in summary.items()})  # fmt: skip
         with open(os.path.join(args.out, "kernels.json"), "w") as f:
             json.dump(doc, f, indent=1)
-        plot(rows, HELDOUT_SHAPES if args.heldout_only else SHAPES, os.path.join(args.out, "kernels_speedup.png"))
+        plot(rows, models[0], os.path.join(args.out, "kernels_speedup.png"))
     if args.sweep:  # after the benchmark (a deadline never cuts it): tuning data for the next version
         sw = sweep(jobs, log, time.time() + args.sweep_seconds)
         with open(os.path.join(args.out, "kernels_sweep.json"), "w") as f:

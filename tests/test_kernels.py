@@ -324,3 +324,44 @@ def test_dispatch_small_m_tma(m):
     assert (cfg.kernel, cfg.dq, cfg.tma, cfg.block_m) == ("gemm", 4, True, 16) and cfg.split_k > 1
     for dtype in (torch.float16, torch.bfloat16):
         _check(cfg, m, k, n, g, dtype, bias=True, seed=12)
+
+
+@pytest.mark.parametrize("m", [40, 100])
+def test_dispatch_x_operand_with_converted_scales(m):
+    """From M = 33 (to 64 on any layer, to 128 on deep ones, K > N) the dispatcher picks the x-operand kernel; an
+    AWQLinear keeps AutoAWQ's fp16 scales and converts them once to bf16 activations' dtype for it (not for fp16
+    activations, nor for the M = 1 GEMV, which reads the checkpoint's scales). Output against the float reference."""
+    k, n, g = 512, 224, 64
+    cfg = pick_config(m, n, k, g, 132)
+    assert (cfg.kernel, cfg.dq, cfg.swap, cfg.block_m, cfg.tma) == ("gemm", 4, False, 64, True), cfg
+    qw, qz, sc = _awq(k, n, g, 40 + m)
+    layer = AWQLinear.from_packed(qw, qz, sc, g)
+    layer._kernel_state = K.prepare(layer)
+    w = fmt.dequantize(qw, qz, sc, g, torch.float32).double()
+    gen = torch.Generator().manual_seed(m)
+    x1 = torch.randn(1, k, generator=gen).to(torch.bfloat16)
+    assert _rel(K.awq_linear(x1, layer), x1.double() @ w) < TOL[torch.bfloat16]
+    assert layer._kernel_state.converted_scales == {}  # the GEMV: no copy
+    for dtype in (torch.float16, torch.bfloat16):
+        x = torch.randn(m, k, generator=gen).to(dtype)
+        assert _rel(K.awq_linear(x, layer), x.double() @ w) < TOL[dtype]
+    converted = layer._kernel_state.converted_scales
+    assert list(converted) == [torch.bfloat16] and torch.equal(converted[torch.bfloat16], sc.to(torch.bfloat16))
+    assert layer.scales.dtype == torch.float16 and torch.equal(layer.scales, sc)  # the checkpoint's tensor stays
+
+
+def test_dispatch_x_operand_rule():
+    """Where the x-operand kernel runs (33 <= M <= 64; M <= 128 on deep layers) and its column tile: 16 blocks,
+    or 32 on a wide layer whose one wave they fill clearly better (Llama-3-8B gate_up, not Qwen2-7B's)."""
+    qwen_gate_up, llama_gate_up, down, qkv = (37888, 3584), (28672, 4096), (3584, 18944), (4608, 3584)
+    for m in (33, 64):
+        for n, k in (qwen_gate_up, llama_gate_up, down, qkv):
+            assert not pick_config(m, n, k, 128, 132).swap
+        assert pick_config(m, *qwen_gate_up, 128, 132).block_n == 128
+        assert pick_config(m, *llama_gate_up, 128, 132).block_n == 256
+        assert pick_config(m, *down, 128, 132).block_n == 128
+    for m in (65, 128):
+        assert not pick_config(m, *down, 128, 132).swap  # deep
+        assert pick_config(m, *qwen_gate_up, 128, 132).swap  # wide: the 32-row plane tile
+        assert pick_config(m, *qkv, 128, 132).kernel == "dequant"
+    assert pick_config(32, *down, 128, 132).swap and pick_config(129, *down, 128, 132).kernel == "dequant"

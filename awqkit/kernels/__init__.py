@@ -18,7 +18,7 @@ whose sizes depend only on the shapes.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -44,12 +44,15 @@ from awqkit.kernels.gemv import gemv  # noqa: E402
 
 @dataclass(frozen=True)
 class KernelState:
-    """What :func:`prepare` keeps for a layer: its tensors in the contiguous layout the kernels index directly."""
+    """What :func:`prepare` keeps for a layer: its tensors in the contiguous layout the kernels index directly, and
+    ``scales`` converted to an activation dtype where a kernel needs that (made on first use,
+    :func:`~awqkit.kernels.dispatch.scales_for`)."""
 
     qweight: torch.Tensor
     qzeros: torch.Tensor
     scales: torch.Tensor
     group_size: int
+    converted_scales: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 def prepare(layer) -> KernelState:
@@ -65,12 +68,12 @@ def awq_linear(x: torch.Tensor, layer, partials: bool = False) -> torch.Tensor |
     ``partials``, :class:`Partials` whose ``parts`` are ``[S, ..., N]``."""
     state = layer._kernel_state
     if state is None:
-        qweight, qzeros, scales = layer.qweight, layer.qzeros, layer.scales
+        qweight, qzeros, scales, cache = layer.qweight, layer.qzeros, layer.scales, None
     else:
-        qweight, qzeros, scales = state.qweight, state.qzeros, state.scales
+        qweight, qzeros, scales, cache = state.qweight, state.qzeros, state.scales, state.converted_scales
     k = qweight.shape[0]
     lead = x.shape[:-1]
-    y = awq_matmul(x.reshape(-1, k), qweight, qzeros, scales, layer.group_size, layer.bias, partials)
+    y = awq_matmul(x.reshape(-1, k), qweight, qzeros, scales, layer.group_size, layer.bias, partials, cache)
     if partials:
         return Partials(y.parts.reshape(y.parts.shape[0], *lead, scales.shape[1]), y.bias)
     return y.reshape(*lead, scales.shape[1])

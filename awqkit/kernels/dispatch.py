@@ -5,9 +5,9 @@ of how much work each program gets and how many programs the GPU needs to stay b
 that were never measured.
 
 * ``M == 1``: CUDA-core split-K GEMV (:mod:`.gemv`) — the pass over the weight is all that matters.
-* up to ``SPLITK_MAX_M`` (and to 128 on wide layers): tensor-core GEMM with split-K, mostly the nibble-plane kernel
-  (:func:`.gemm.gemm_planes`; for M <= 16 its words tile copied by TMA), split along K so that its programs fill one
-  wave of resident programs (:func:`wave_split`).
+* up to ``SPLITK_MAX_M`` (and to 128 on wide or deep layers): tensor-core GEMM with split-K, the nibble-plane
+  kernel (:func:`.gemm.gemm_planes`; for M <= 16 its words tile copied by TMA; from M = 33 with ``x`` as the MMA's
+  left operand), split along K so that its programs fill one wave of resident programs (:func:`wave_split`).
 * beyond: dequantize to the activation dtype + cuBLAS (:mod:`.dequant`); the fused kernel with large tiles
   (``gemm(..., block_m=128)``) exists and is correct but measured slower than cuBLAS on the dequantized weight.
 """
@@ -173,8 +173,8 @@ def pick_config(m: int, n: int, k: int, group_size: int, sms: int) -> Config:
       and the per-step fp32 scale/zero correction.
     * M <= 32: the same kernel with ``(q - z) s`` folded into the operand (the correction's cost grows with the
       row tile), 32-row tiles.
-    * M <= 64: wide layers keep v3's cp.async ``(q - z) s`` kernel (64x64 tiles); narrow ones use the folded
-      nibble-plane kernel with 32-row tiles (one-wave split).
+    * M <= 64, and M <= 128 on deep layers (K > N): the folded weight as the wgmma's right operand and ``x`` its
+      left one, 64-row tiles (:func:`x_operand_config`; scales in the activation dtype, :func:`scales_for`).
     * M <= 128 on wide layers: folded nibble-plane kernel, 32-row tiles; otherwise dequantize + cuBLAS.
     """
     wide = n >= WIDE_N
@@ -209,15 +209,55 @@ def pick_config(m: int, n: int, k: int, group_size: int, sms: int) -> Config:
     fold32 = planes_config(m, n, k, group_size, sms, fold=True, block_m=32, bn8=32, warps=2)
     if m <= 32:
         return fold32
-    if m <= SPLITK_MAX_M:
-        if wide:  # v3's kernel: unpacks the weight once per 64-row tile (the plane kernel twice); N fills the GPU
-            tiles = triton.cdiv(m, 64) * triton.cdiv(n, 64)
-            return Config("gemm", block_m=64, block_n=64, block_k=128, split_k=_split_for(tiles, k // 128, sms, 2),
-                          num_warps=4, stages=4, swap=False, dq=0)  # fmt: skip
-        return fold32  # run 9: the 64-row 8-warp tile was slower on every shape (down 58.9 vs 51.2 us)
+    if m <= SPLITK_MAX_M or (m <= 128 and k > n):
+        # x as the wgmma's left operand, the folded weight its right one: one unpack serves 64 rows (the plane
+        # kernels above unpack it once per 16- or 32-row tile). Session 10's H200 sweep (16 shapes of four models,
+        # matched-dtype scales, which scales_for provides): 1.06-1.48x the previous rules at M = 64 on every layer
+        # but two wide ones, and 1.05-1.35x at M = 128 on every deep layer (K > N: down projections)
+        return x_operand_config(m, n, k, group_size, sms)
     if m <= 128 and wide:
         return fold32
     return Config("dequant")
+
+
+def x_operand_config(m: int, n: int, k: int, group_size: int, sms: int) -> Config:
+    """The x-operand kernel's launch: 64-row tiles on one warpgroup, 64-row steps, 3 stages (TMA where N allows),
+    16 column blocks capped at 168 registers (3 programs per SM). Wide layers, whose column tiles alone must fill
+    the GPU (their K splits are few), take 32 uncapped blocks (2 per SM) where that fills its one wave clearly
+    better. Session 10's sweep at M = 64: 16 blocks 1.06-1.48x on every narrow layer (32 blocks: 0.96x on
+    Qwen2.5-14B's down, whose splits fill either wave); on wide ones the wave decides, e.g. Qwen2-7B gate_up 296
+    of 396 slots with 16 blocks (1.19x; 32 blocks 0.78x), Llama-3-8B gate_up 224 of 396 with 16 (0.96x) against
+    224 of 264 with 32 (1.08x)."""
+    def launch(bn8: int, maxnreg: int) -> tuple[float, Config]:
+        cfg = planes_config(m, n, k, group_size, sms, fold=True, block_m=64, bn8=bn8, warps=4, stages=3,
+                            maxnreg=maxnreg, tma=n % 32 == 0, x_operand=True)  # fmt: skip
+        resident = PLANES_WARPS_PER_SM // 4 if not maxnreg else 65536 // (maxnreg * 32 * 4)
+        programs = triton.cdiv(n // 8, bn8) * triton.cdiv(m, 64) * cfg.split_k
+        return programs / (sms * resident), cfg
+
+    fill16, narrow = launch(16, 168)
+    if n < WIDE_N:
+        return narrow
+    fill32, wide = launch(32, 0)
+    return wide if fill32 > 1.05 * fill16 and fill32 <= 1.0 else narrow
+
+
+def scales_for(cfg: Config, x: torch.Tensor, scales: torch.Tensor, cache: dict | None) -> torch.Tensor:
+    """The scales a launch of ``cfg`` reads: ``scales``, or for the x-operand kernel a copy in ``x``'s dtype kept in
+    ``cache`` (a layer's :class:`~awqkit.kernels.KernelState`; None: no copy).
+
+    That kernel multiplies ``(q - z) s`` in the activation dtype and reads two scales as one 32-bit word. Scales of
+    the other 16-bit type (AutoAWQ's fp16 with bf16 activations) it converts per step, which costs ~30 % of its
+    loop (SASS: 417 instead of 324 instructions per 64 weights) and measured its whole gain away (session 11). The
+    copy is rounded to nearest once, exactly as the kernel's own conversion rounds, so the sums are the same. It
+    costs 1/32 of the packed weight's bytes at g128, for the layers that ever run the kernel; it is never made
+    during CUDA-graph capture (it would live in the graph's memory pool): that launch converts per step instead."""
+    if cache is None or cfg.swap or cfg.kernel != "gemm" or cfg.dq < 3 or scales.dtype == x.dtype:
+        return scales
+    converted = cache.get(x.dtype)
+    if converted is None and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        converted = cache[x.dtype] = scales.to(x.dtype)
+    return scales if converted is None else converted
 
 
 def run_config(
@@ -229,9 +269,11 @@ def run_config(
     group_size: int,
     bias: torch.Tensor | None = None,
     partials: bool = False,
+    scales_cache: dict | None = None,
 ) -> torch.Tensor | Partials:
     """Launch ``cfg`` on a 2-D, row-contiguous ``x`` (``partials``: leave split-K sums unreduced, see
-    :class:`~awqkit.kernels.common.Partials`)."""
+    :class:`~awqkit.kernels.common.Partials`; ``scales_cache``: see :func:`scales_for`)."""
+    scales = scales_for(cfg, x, scales, scales_cache)
     if cfg.kernel == "gemv":
         return gemv.gemv(
             x, qweight, qzeros, scales, group_size, bias,
@@ -275,9 +317,11 @@ def awq_matmul(
     group_size: int,
     bias: torch.Tensor | None = None,
     partials: bool = False,
+    scales_cache: dict | None = None,
 ) -> torch.Tensor | Partials:
     """``x [M, K] @ W (+ bias)`` for AutoAWQ GEMM tensors, kernel picked by :func:`pick_config` (``partials``:
-    split-K sums left for the consumer, :class:`~awqkit.kernels.common.Partials`)."""
+    split-K sums left for the consumer, :class:`~awqkit.kernels.common.Partials`; ``scales_cache``: the layer's
+    converted scales, :func:`scales_for`)."""
     if x.stride(1) != 1:
         x = x.contiguous()
     m, k = x.shape
@@ -286,4 +330,4 @@ def awq_matmul(
         cfg = Config("dequant")
     else:
         cfg = pick_config(m, n, k, group_size, sm_count(x.device))
-    return run_config(cfg, x, qweight, qzeros, scales, group_size, bias, partials)
+    return run_config(cfg, x, qweight, qzeros, scales, group_size, bias, partials, scales_cache)
