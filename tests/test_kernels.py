@@ -362,6 +362,8 @@ def test_dispatch_x_operand_rule():
         assert pick_config(m, *down, 128, 132).block_n == 128
     for m in (65, 128):
         assert not pick_config(m, *down, 128, 132).swap  # deep
-        assert pick_config(m, *qwen_gate_up, 128, 132).swap  # wide: the 32-row plane tile
+        assert not pick_config(m, *qwen_gate_up, 128, 132).swap  # wide, 592 tiles: 75 % of the second wave
+        assert pick_config(m, *llama_gate_up, 128, 132).swap  # wide, 448 tiles: 13 %, the 32-row plane tile
+        assert not pick_config(m, 6144, 4096, 128, 132).swap  # K >= 4096
         assert pick_config(m, *qkv, 128, 132).kernel == "dequant"
     assert pick_config(32, *down, 128, 132).swap and pick_config(129, *down, 128, 132).kernel == "dequant"

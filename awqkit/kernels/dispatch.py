@@ -173,9 +173,10 @@ def pick_config(m: int, n: int, k: int, group_size: int, sms: int) -> Config:
       and the per-step fp32 scale/zero correction.
     * M <= 32: the same kernel with ``(q - z) s`` folded into the operand (the correction's cost grows with the
       row tile), 32-row tiles.
-    * M <= 64, and M <= 128 on deep layers (K > N): the folded weight as the wgmma's right operand and ``x`` its
-      left one, 64-row tiles (:func:`x_operand_config`; scales in the activation dtype, :func:`scales_for`).
-    * M <= 128 on wide layers: folded nibble-plane kernel, 32-row tiles; otherwise dequantize + cuBLAS.
+    * M <= 64, and M <= 128 on deep layers (K > N), layers with K >= 4096 and wide layers whose tiles fill their
+      last wave well: the folded weight as the wgmma's right operand and ``x`` its left one, 64-row tiles
+      (:func:`x_operand_config`; scales in the activation dtype, :func:`scales_for`).
+    * M <= 128 on other wide layers: folded nibble-plane kernel, 32-row tiles; otherwise dequantize + cuBLAS.
     """
     wide = n >= WIDE_N
     if m == 1:
@@ -209,37 +210,45 @@ def pick_config(m: int, n: int, k: int, group_size: int, sms: int) -> Config:
     fold32 = planes_config(m, n, k, group_size, sms, fold=True, block_m=32, bn8=32, warps=2)
     if m <= 32:
         return fold32
-    if m <= SPLITK_MAX_M or (m <= 128 and k > n):
+    if m <= 128:
         # x as the wgmma's left operand, the folded weight its right one: one unpack serves 64 rows (the plane
         # kernels above unpack it once per 16- or 32-row tile). Session 10's H200 sweep (16 shapes of four models,
-        # matched-dtype scales, which scales_for provides): 1.06-1.48x the previous rules at M = 64 on every layer
-        # but two wide ones, and 1.05-1.35x at M = 128 on every deep layer (K > N: down projections)
-        return x_operand_config(m, n, k, group_size, sms)
-    if m <= 128 and wide:
-        return fold32
+        # matched-dtype scales, which scales_for provides) and session 11's (the same with this rule, plus 12 shapes
+        # of three models never measured before it was written): 1.06-1.48x the previous rules at M = 64 on every
+        # layer but two wide ones, 1.13-1.35x on all 12 new ones; at M = 128 1.05-1.35x on every deep layer
+        # (K > N: down projections), 1.08-1.18x on layers with K >= 4096, and 1.37-1.42x on wide layers whose
+        # row x column tiles fill >= 70 % of their last wave (0.88-0.93x on those that fill 55-65 %)
+        xa, wave_fill = x_operand_config(m, n, k, group_size, sms)
+        if m <= SPLITK_MAX_M or (wide and wave_fill >= 0.7) or (not wide and (k > n or k >= 4096)):
+            return xa
+        if wide:
+            return fold32
     return Config("dequant")
 
 
-def x_operand_config(m: int, n: int, k: int, group_size: int, sms: int) -> Config:
+def x_operand_config(m: int, n: int, k: int, group_size: int, sms: int) -> tuple[Config, float]:
     """The x-operand kernel's launch: 64-row tiles on one warpgroup, 64-row steps, 3 stages (TMA where N allows),
     16 column blocks capped at 168 registers (3 programs per SM). Wide layers, whose column tiles alone must fill
     the GPU (their K splits are few), take 32 uncapped blocks (2 per SM) where that fills its one wave clearly
     better. Session 10's sweep at M = 64: 16 blocks 1.06-1.48x on every narrow layer (32 blocks: 0.96x on
     Qwen2.5-14B's down, whose splits fill either wave); on wide ones the wave decides, e.g. Qwen2-7B gate_up 296
     of 396 slots with 16 blocks (1.19x; 32 blocks 0.78x), Llama-3-8B gate_up 224 of 396 with 16 (0.96x) against
-    224 of 264 with 32 (1.08x)."""
-    def launch(bn8: int, maxnreg: int) -> tuple[float, Config]:
+    224 of 264 with 32 (1.08x). Above M = 64 the 16-block tile only (the sweeps' best there).
+
+    Also returns how full the launch's last wave of resident programs is (1.0: programs fill whole waves)."""
+
+    def launch(bn8: int, maxnreg: int) -> tuple[Config, float, float]:
         cfg = planes_config(m, n, k, group_size, sms, fold=True, block_m=64, bn8=bn8, warps=4, stages=3,
                             maxnreg=maxnreg, tma=n % 32 == 0, x_operand=True)  # fmt: skip
-        resident = PLANES_WARPS_PER_SM // 4 if not maxnreg else 65536 // (maxnreg * 32 * 4)
+        slots = sms * (PLANES_WARPS_PER_SM // 4 if not maxnreg else 65536 // (maxnreg * 32 * 4))
         programs = triton.cdiv(n // 8, bn8) * triton.cdiv(m, 64) * cfg.split_k
-        return programs / (sms * resident), cfg
+        return cfg, programs / slots, programs / (triton.cdiv(programs, slots) * slots)
 
-    fill16, narrow = launch(16, 168)
-    if n < WIDE_N:
-        return narrow
-    fill32, wide = launch(32, 0)
-    return wide if fill32 > 1.05 * fill16 and fill32 <= 1.0 else narrow
+    narrow, fill16, last16 = launch(16, 168)
+    if n < WIDE_N or m > SPLITK_MAX_M:
+        return narrow, last16
+    wide, fill32, last32 = launch(32, 0)
+    return (wide, last32) if fill32 > 1.05 * fill16 and fill32 <= 1.0 else (narrow, last16)
 
 
 def scales_for(cfg: Config, x: torch.Tensor, scales: torch.Tensor, cache: dict | None) -> torch.Tensor:
