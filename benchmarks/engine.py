@@ -619,6 +619,12 @@ def main() -> None:
         result["pdl_tokens_identical"] = with_pdl == without
         print(f"greedy tokens with PDL == without: {with_pdl == without}", flush=True)
         result["rows"] += engine_rows("awqkit-int4-no-pdl", engine, args.batches, args.prompt, args.new)
+        # with PDL a kernel's programs wait, resident, for their predecessor, so the profile above overlaps; without
+        # it every kernel's duration is its own: the per-kernel breakdown of a token
+        result["profile_int4_batch1_no_pdl"] = profile_decode(engine)[:25]
+        print("int4 batch-1 decode without PDL, per kernel (us per token):")
+        for r in result["profile_int4_batch1_no_pdl"][:15]:
+            print(f"  {r['us_per_token']:8.1f} us  x{r['launches_per_token']:5.1f}  {r['kernel']}")
         set_pdl(None)
         save()
     del engine
