@@ -24,7 +24,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# the repository root instead of this folder, whose kernels.py would shadow the `kernels` package that newer
+# Transformers imports (hub kernels)
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "benchmarks"]
 
 from awqkit import QuantConfig, quantize_rtn  # noqa: E402
 from awqkit.engine import Engine, SamplingParams  # noqa: E402
