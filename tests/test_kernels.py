@@ -346,8 +346,15 @@ def test_dispatch_x_operand_with_converted_scales(m):
         x = torch.randn(m, k, generator=gen).to(dtype)
         assert _rel(K.awq_linear(x, layer), x.double() @ w) < TOL[dtype]
     converted = layer._kernel_state.converted_scales
-    assert list(converted) == [torch.bfloat16] and torch.equal(converted[torch.bfloat16], sc.to(torch.bfloat16))
+    assert list(converted) == [torch.bfloat16] and torch.equal(converted[torch.bfloat16][1], sc.to(torch.bfloat16))
     assert layer.scales.dtype == torch.float16 and torch.equal(layer.scales, sc)  # the checkpoint's tensor stays
+    # new weights loaded in place (same storage, so the kernel state sees them): the copy follows
+    qw2, qz2, sc2 = _awq(k, n, g, 99)
+    layer.load_state_dict({"qweight": qw2, "qzeros": qz2, "scales": sc2})
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    w2 = fmt.dequantize(qw2, qz2, sc2, g, torch.float32).double()
+    assert _rel(K.awq_linear(x, layer), x.double() @ w2) < TOL[torch.bfloat16]
+    assert torch.equal(converted[torch.bfloat16][1], sc2.to(torch.bfloat16))
 
 
 def test_dispatch_x_operand_rule():

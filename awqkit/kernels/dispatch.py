@@ -259,14 +259,18 @@ def scales_for(cfg: Config, x: torch.Tensor, scales: torch.Tensor, cache: dict |
     the other 16-bit type (AutoAWQ's fp16 with bf16 activations) it converts per step, which costs ~30 % of its
     loop (SASS: 417 instead of 324 instructions per 64 weights) and measured its whole gain away (session 11). The
     copy is rounded to nearest once, exactly as the kernel's own conversion rounds, so the sums are the same. It
-    costs 1/32 of the packed weight's bytes at g128, for the layers that ever run the kernel; it is never made
-    during CUDA-graph capture (it would live in the graph's memory pool): that launch converts per step instead."""
+    costs 1/32 of the packed weight's bytes at g128, for the layers that ever run the kernel, and is made again
+    after an in-place change of ``scales``; it is never made during CUDA-graph capture (it would live in the graph's
+    memory pool): that launch converts per step instead."""
     if cache is None or cfg.swap or cfg.kernel != "gemm" or cfg.dq < 3 or scales.dtype == x.dtype:
         return scales
-    converted = cache.get(x.dtype)
-    if converted is None and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
-        converted = cache[x.dtype] = scales.to(x.dtype)
-    return scales if converted is None else converted
+    version, converted = cache.get(x.dtype, (None, None))
+    if version == scales._version:  # the copy is current (an in-place load into the scales bumps the version)
+        return converted
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return scales
+    cache[x.dtype] = (scales._version, scales.to(x.dtype))
+    return cache[x.dtype][1]
 
 
 def run_config(
