@@ -374,3 +374,20 @@ def test_dispatch_x_operand_rule():
         assert not pick_config(m, 6144, 4096, 128, 132).swap  # K >= 4096
         assert pick_config(m, *qkv, 128, 132).kernel == "dequant"
     assert pick_config(32, *down, 128, 132).swap and pick_config(129, *down, 128, 132).kernel == "dequant"
+
+
+def test_converted_scales_of_inference_tensors():
+    """The engine builds its layers under torch.inference_mode, whose tensors keep no version counter: the copy is
+    made once and reused (session 11's first GPU server run failed here on ``_version``)."""
+    from awqkit.kernels.dispatch import scales_for
+
+    cfg = Config("gemm", block_m=64, block_n=128, block_k=64, dq=4, swap=False)
+    with torch.inference_mode():
+        scales = torch.rand(4, 16).half()
+        x = torch.randn(40, 256).to(torch.bfloat16)
+        cache: dict = {}
+        first = scales_for(cfg, x, scales, cache)
+        assert first.dtype == torch.bfloat16 and torch.equal(first, scales.to(torch.bfloat16))
+        assert scales_for(cfg, x, scales, cache) is first
+    assert scales_for(cfg, x, scales, cache) is first  # outside inference mode too
+    assert scales_for(Config("gemm", dq=4), x, scales, cache) is scales  # the weight-operand kernel: no copy

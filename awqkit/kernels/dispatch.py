@@ -264,12 +264,15 @@ def scales_for(cfg: Config, x: torch.Tensor, scales: torch.Tensor, cache: dict |
     memory pool): that launch converts per step instead."""
     if cache is None or cfg.swap or cfg.kernel != "gemm" or cfg.dq < 3 or scales.dtype == x.dtype:
         return scales
-    version, converted = cache.get(x.dtype, (None, None))
-    if version == scales._version:  # the copy is current (an in-place load into the scales bumps the version)
+    version, converted = cache.get(x.dtype, (-1, None))
+    # an in-place load into the scales bumps their version; inference tensors (made under torch.inference_mode, as
+    # the engine's are) have no version counter, and nothing changes them outside inference mode
+    current = None if scales.is_inference() else scales._version
+    if converted is not None and version == current:
         return converted
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
         return scales
-    cache[x.dtype] = (scales._version, scales.to(x.dtype))
+    cache[x.dtype] = (current, scales.to(x.dtype))
     return cache[x.dtype][1]
 
 
