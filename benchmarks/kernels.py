@@ -39,6 +39,7 @@ from awqkit.kernels.common import set_pdl, sm_count  # noqa: E402
 from awqkit.kernels.dispatch import (  # noqa: E402
     WIDE_N,
     Config,
+    _split_for,
     gemv_config,
     pick_config,
     planes_config,
@@ -428,7 +429,7 @@ def session10_rule(m: int, n: int, k: int, sms: int) -> list[tuple[str, Config]]
     wide = n >= WIDE_N
     if m <= 64 and wide:  # v3's cp.async (q - z) s kernel, 64x64 tiles
         tiles = triton.cdiv(m, 64) * triton.cdiv(n, 64)
-        split = max(1, min(triton.cdiv(2 * sms, tiles), k // 128))
+        split = _split_for(tiles, k // 128, sms, 2)
         cfg = Config("gemm", block_m=64, block_n=64, block_k=128, split_k=split, num_warps=4, stages=4, swap=False,
                      dq=0)  # fmt: skip
     elif m <= 64 or wide:

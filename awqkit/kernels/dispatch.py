@@ -94,6 +94,14 @@ def wave_split(tiles: int, steps: int, sms: int, resident_per_sm: int, min_steps
     return max(1, min(split, steps // min_steps))
 
 
+def planes_resident(block_m: int, bn8: int, block_k: int, stages: int, warps: int, maxnreg: int = 0) -> int:
+    """Nibble-plane programs resident per SM: what registers (``PLANES_WARPS_PER_SM // warps``, or what ``maxnreg``
+    allows) and shared memory let in, at least one."""
+    by_regs = PLANES_WARPS_PER_SM // warps if not maxnreg else 65536 // (maxnreg * 32 * warps)
+    by_smem = SMEM_PER_SM // planes_smem(block_m, bn8, block_k, stages)
+    return max(1, min(by_regs, by_smem))
+
+
 def planes_config(
     m: int,
     n: int,
@@ -126,9 +134,7 @@ def planes_config(
     if pps > 0:
         split = max(1, min(triton.cdiv(int(pps * sms), tiles), steps // 2))
     else:
-        by_regs = PLANES_WARPS_PER_SM // warps if not maxnreg else 65536 // (maxnreg * 32 * warps)
-        by_smem = SMEM_PER_SM // planes_smem(block_m, bn8, block_k, stages)
-        split = wave_split(tiles, steps, sms, max(1, min(by_regs, by_smem)))
+        split = wave_split(tiles, steps, sms, planes_resident(block_m, bn8, block_k, stages, warps, maxnreg))
     return Config("gemm", block_m=block_m, block_n=8 * bn8, block_k=block_k, split_k=split, num_warps=warps,
                   stages=stages, dq=4 if fold or x_operand else 3, maxnreg=maxnreg, tma=tma,
                   swap=not x_operand)  # fmt: skip
@@ -240,8 +246,8 @@ def x_operand_config(m: int, n: int, k: int, group_size: int, sms: int) -> tuple
     def launch(bn8: int, maxnreg: int) -> tuple[Config, float, float]:
         cfg = planes_config(m, n, k, group_size, sms, fold=True, block_m=64, bn8=bn8, warps=4, stages=3,
                             maxnreg=maxnreg, tma=n % 32 == 0, x_operand=True)  # fmt: skip
-        slots = sms * (PLANES_WARPS_PER_SM // 4 if not maxnreg else 65536 // (maxnreg * 32 * 4))
-        programs = triton.cdiv(n // 8, bn8) * triton.cdiv(m, 64) * cfg.split_k
+        slots = sms * planes_resident(cfg.block_m, bn8, cfg.block_k, cfg.stages, cfg.num_warps, maxnreg)
+        programs = triton.cdiv(n, cfg.block_n) * triton.cdiv(m, cfg.block_m) * cfg.split_k
         return cfg, programs / slots, programs / (triton.cdiv(programs, slots) * slots)
 
     narrow, fill16, last16 = launch(16, 168)
